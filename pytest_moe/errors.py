@@ -1,0 +1,258 @@
+"""Classify a failed server launch or benchmark into one ``error_type`` for the nightly report.
+
+Why a classifier at all: the nightly matrix fails in a few dozen recurring ways, and the person
+reading ``failure_results.json`` needs to see at a glance "OOM at TP=2" or "FP8 block alignment
+at TP=8" instead of scrolling a 4 MiB server log. So each failure gets one type from
+``ERROR_TYPES`` plus the one log line that decided it.
+
+The patterns are data (``pytest_moe/data/error_patterns.yaml``), each with the real engine message
+it was built from and where that message comes from, because engine wording drifts between
+releases and updating a regex should not mean touching code.
+
+Precedence — the root cause wins. A real log is a cascade: the root exception, then
+``EngineDeadError`` / "Received sigquit from a child process", then shutdown noise; NCCL errors on
+every rank follow one rank's OOM; the harness prepends "Server failed to start within the timeout
+period" to whatever the server printed. So:
+
+* The YAML's ``precedence`` list orders the types; the first type with any match wins. Specific,
+  self-explaining configuration errors come first, device faults next, and the generic symptoms
+  (``Crash``, then ``Timeout``) last, so they only win when nothing says *why*.
+* Within the winning type, the match that occurs earliest in the text is reported: it is the one
+  closest to the root cause.
+* Nothing matched: ``ServerError``, with the last exception-looking line of the log as message.
+  Lines listed under ``cascade`` in the YAML (EngineDeadError, "See root cause above", ...) are
+  skipped there, because they name a consequence, never the cause.
+
+Speed: regexes are compiled once per process (``load_rules``); types are tried in precedence order and
+the search stops at the first type that matches, so a 4 MiB log costs a few whole-text regex scans.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from pytest_moe.datafiles import load_yaml
+
+ERROR_TYPES: tuple[str, ...] = (
+    "OOM",
+    "Timeout",
+    "QuantBlockAlignment",
+    "QuantizationConflict",
+    "UnsupportedBackend",
+    "CudaGraphCapture",
+    "NCCL",
+    "IllegalMemoryAccess",
+    "Crash",
+    "InvalidArgument",
+    "PortInUse",
+    "MissingDependency",
+    "TrustRemoteCode",
+    "ServerError",
+)
+FALLBACK_TYPE = "ServerError"
+PATTERNS_FILE = "error_patterns.yaml"
+
+#: How much of a server log ``classify_file`` reads: the failure is at the end, and whole logs of
+#: multi-hour runs can be gigabytes.
+TAIL_BYTES = 4 * 1024 * 1024
+#: Longest ``Classification.message``; the report is a table, not a log viewer.
+MAX_MESSAGE_CHARS = 300
+
+# Prefixes that engines put in front of every line; removed from the reported message only (the
+# patterns search the raw text). ANSI colours (Ray), "(EngineCore_DP0 pid=42) " / "[rank0]: ",
+# vLLM's "ERROR 11-22 08:20:15 [core.py:123] ", SGLang's "[2025-11-22 08:20:15 TP0] ".
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LINE_PREFIX = re.compile(
+    r"^(?:\([^)]*\bpid=\d+[^)]*\)\s*|\[rank\d+\]:\s*)?"
+    r"(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \[[^\]]*\]\s*"
+    r"|\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[^\]]*\]\s*)?"
+)
+# Fallback message tiers: a Python exception line, else any line saying error/failed/fatal.
+_EXCEPTION_LINE = re.compile(r"\w(?:Error|Exception|Interrupt)\b")
+_ERRORISH_LINE = re.compile(r"(?i)\b(?:error|failed|fatal)\b")
+
+
+class ErrorPatternsError(ValueError):
+    """``error_patterns.yaml`` is malformed: a bug in our data, reported with file and pattern id."""
+
+
+@dataclass(frozen=True)
+class Classification:
+    """What went wrong, for the report: a type, the deciding line, and the rule that decided it."""
+
+    error_type: str
+    message: str
+    pattern_id: str | None
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One YAML rule: any of ``regexes`` matching means ``error_type`` (or, in ``cascade``, noise)."""
+
+    id: str
+    error_type: str
+    regexes: tuple[re.Pattern[str], ...]
+    source: str
+    example: str
+
+    def earliest(self, text: str) -> int | None:
+        """Offset of this rule's first match in ``text``, or None."""
+        starts = [m.start() for rx in self.regexes if (m := rx.search(text))]
+        return min(starts, default=None)
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The parsed YAML: types in precedence order, their patterns, and the cascade lines."""
+
+    precedence: tuple[str, ...]
+    patterns: tuple[Pattern, ...]
+    cascade: tuple[Pattern, ...]
+
+    def of_type(self, error_type: str) -> tuple[Pattern, ...]:
+        """The patterns of one type, in file order."""
+        return tuple(p for p in self.patterns if p.error_type == error_type)
+
+
+def parse_rules(data: Any, source: str = PATTERNS_FILE) -> Rules:
+    """Validate and compile the YAML document ``data``; ``source`` names the file in errors.
+
+    Raises ``ErrorPatternsError`` with one sentence naming the file and the offending pattern id.
+    """
+
+    def fail(where: str, problem: str) -> ErrorPatternsError:
+        return ErrorPatternsError(f"{source}: {where}: {problem}.")
+
+    if not isinstance(data, dict):
+        raise fail("top level", "expected a mapping with 'precedence', 'patterns' and 'cascade'")
+    typed = tuple(t for t in ERROR_TYPES if t != FALLBACK_TYPE)
+    precedence = data.get("precedence")
+    if not isinstance(precedence, list) or sorted(map(str, precedence)) != sorted(typed):
+        raise fail(
+            "precedence",
+            f"must list each of {', '.join(typed)} exactly once ({FALLBACK_TYPE} is the implicit last)",
+        )
+
+    seen: set[str] = set()
+
+    def parse(entry: Any, section: str, index: int) -> Pattern:
+        pid = entry.get("id") if isinstance(entry, dict) else None
+        if not isinstance(pid, str) or not pid:
+            raise fail(f"{section}[{index}]", "expected a mapping with an 'id'")
+        where = f"pattern {pid!r}"
+        if pid in seen:
+            raise fail(where, "duplicate id")
+        seen.add(pid)
+        if section == "cascade":
+            if "error_type" in entry:
+                raise fail(where, "cascade lines have no error_type")
+            error_type = FALLBACK_TYPE
+        else:
+            error_type = entry.get("error_type")
+            if error_type not in typed:
+                raise fail(where, f"error_type {error_type!r} is not one of {', '.join(typed)}")
+        raw = entry.get("regex")
+        raw_list = [raw] if isinstance(raw, str) else raw
+        if not isinstance(raw_list, list) or not raw_list or not all(isinstance(r, str) and r for r in raw_list):
+            raise fail(where, "'regex' must be a non-empty string or list of strings")
+        for key in ("source", "example"):
+            if not isinstance(entry.get(key), str) or not entry[key].strip():
+                raise fail(where, f"missing '{key}'")
+        try:
+            regexes = tuple(re.compile(r, re.MULTILINE) for r in raw_list)
+        except re.error as exc:
+            raise fail(where, f"invalid regex ({exc})") from None
+        return Pattern(pid, error_type, regexes, entry["source"], entry["example"])
+
+    parsed: dict[str, tuple[Pattern, ...]] = {}
+    for section in ("patterns", "cascade"):
+        entries = data.get(section)
+        if not isinstance(entries, list):
+            raise fail(section, "expected a list")
+        parsed[section] = tuple(parse(e, section, i) for i, e in enumerate(entries))
+    return Rules(tuple(precedence), parsed["patterns"], parsed["cascade"])
+
+
+@lru_cache(maxsize=None)
+def load_rules() -> Rules:
+    """The packaged rules, validated and compiled once per process."""
+    return parse_rules(load_yaml(PATTERNS_FILE), f"pytest_moe/data/{PATTERNS_FILE}")
+
+
+def classify(text: str) -> Classification:
+    """Classify a failure from its log text (harness lines, server stdout/stderr, tracebacks)."""
+    rules = load_rules()
+    for error_type in rules.precedence:
+        hits = [(pos, p) for p in rules.of_type(error_type) if (pos := p.earliest(text)) is not None]
+        if hits:
+            pos, pattern = min(hits, key=lambda hit: hit[0])
+            return Classification(error_type, _message(_line_at(text, pos)), pattern.id)
+    return Classification(FALLBACK_TYPE, _fallback_message(text, rules.cascade), None)
+
+
+def classify_file(path: str | os.PathLike[str]) -> Classification:
+    """Classify a server log file from its last ``TAIL_BYTES`` (undecodable bytes are replaced).
+
+    Raises ``OSError`` if the file cannot be read: a missing log is the caller's fact to report.
+    """
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = max(0, size - TAIL_BYTES)
+        f.seek(start)
+        data = f.read()
+    if start:  # we began mid-line (maybe mid-character): drop that partial line
+        data = data[data.find(b"\n") + 1 :]
+    return classify(data.decode("utf-8", errors="replace"))
+
+
+def _line_at(text: str, pos: int) -> str:
+    """The whole line of ``text`` that contains offset ``pos``."""
+    end = text.find("\n", pos)
+    return text[text.rfind("\n", 0, pos) + 1 : len(text) if end < 0 else end]
+
+
+def _message(line: str) -> str:
+    """One line for humans: colours and engine log prefixes removed, at most MAX_MESSAGE_CHARS."""
+    line = _ANSI.sub("", line).strip()
+    line = _LINE_PREFIX.sub("", line, count=1).strip() or line
+    return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+def _fallback_message(text: str, cascade: tuple[Pattern, ...]) -> str:
+    """The line most likely to explain an unrecognised failure.
+
+    Walking back from the end: the last exception line (``FooError: ...``) wins, else the last
+    line saying error/failed/fatal, else the last non-empty line. Cascade lines are skipped while
+    anything else is left, because "EngineDeadError ... see above" explains nothing. Only lines
+    that could be chosen are tested against the cascade, which keeps a 4 MiB walk cheap.
+    """
+
+    def is_cascade(line: str) -> bool:
+        return any(rx.search(line) for p in cascade for rx in p.regexes)
+
+    errorish = last_line = last_cascade = None
+    end = len(text)
+    while end > 0:
+        start = text.rfind("\n", 0, end) + 1
+        line = text[start:end].strip()
+        end = start - 1
+        if not line:
+            continue
+        exception = _EXCEPTION_LINE.search(line) is not None
+        wanted = exception or (errorish is None and _ERRORISH_LINE.search(line)) or last_line is None
+        if not wanted:
+            continue
+        if is_cascade(line):
+            last_cascade = last_cascade or line
+            continue
+        if exception:
+            return _message(line)
+        if errorish is None and _ERRORISH_LINE.search(line):
+            errorish = line
+        last_line = last_line or line
+    chosen = errorish or last_line or last_cascade
+    return _message(chosen) if chosen else "(empty log)"

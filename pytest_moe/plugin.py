@@ -1,0 +1,268 @@
+"""The pytest glue: options, markers, one parametrized test per matrix config, fixtures, hooks.
+
+Hooks only decide *when* things happen; *how* lives in ``matrix``, ``runner``, ``results`` and ``report``.
+Registered through the ``pytest11`` entry point ``moe``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_moe import gpus
+from pytest_moe.matrix import Matrix, MatrixError, ServerConfig, load_matrix
+from pytest_moe.report import junit_properties, summary_markdown
+from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsStore
+from pytest_moe.runner import CellRun, RunOptions
+
+DEFAULT_MATRIX = "model_matrix.yaml"
+MARKERS = (
+    [f"tp{n}: configs with tensor parallel size {n}" for n in (1, 2, 4, 8, 16)]
+    + [f"gpus{n}: configs that need {n} GPUs" for n in (0, 1, 2, 4, 8, 16)]
+    + ["fp8: FP8-quantized configs", "native: native-precision (bf16/fp16) configs"]
+    + ["sglang: served by SGLang", "vllm: served by vLLM on GPUs", "vllm_cpu: served by the vLLM CPU build"]
+)
+
+_MATRIX = pytest.StashKey["Matrix | None"]()
+_CELL = pytest.StashKey[CellRun]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("moe", "pytest-moe: MoE serving matrix")
+    group.addoption("--moe-matrix", metavar="PATH", help=f"matrix file (default: {DEFAULT_MATRIX} in the rootdir)")
+    group.addoption("--moe-config", metavar="ID", action="append", default=[],
+                    help="run only this config id, e.g. 'Qwen3-235B::TP8_EP2_auto' (repeatable)")
+    group.addoption("--moe-results-dir", metavar="DIR", default=DEFAULT_RESULTS_DIR,
+                    help=f"where results JSON, logs and traces go (default: {DEFAULT_RESULTS_DIR})")
+    group.addoption("--moe-server-timeout", metavar="S", type=float, default=None,
+                    help="server launch timeout in seconds for every config (default: the matrix's, 2000)")
+    group.addoption("--moe-profile", action="store_true", help="save extend and decode traces per config")
+    group.addoption("--moe-cooldown", metavar="S", type=float, default=None,
+                    help="minimum pause after each teardown (default: 0 after an NVML memory wait, else 5)")
+    group.addoption("--moe-grace", metavar="S", type=float, default=10.0,
+                    help="seconds between SIGTERM and SIGKILL at teardown (default: 10)")
+    group.addoption("--moe-progress-interval", metavar="S", type=float, default=30.0,
+                    help="seconds between progress lines while a server loads (default: 30)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in MARKERS:
+        config.addinivalue_line("markers", line)
+    config.pluginmanager.register(MoESession(config), "moe-session")
+
+
+class MoESession:
+    """Per-run state: the results store, this run's outcomes (also from xdist workers), the summary."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.outcomes: list[dict[str, Any]] = []
+        self._store: ResultsStore | None = None
+        self._previous_sigterm: Any = None
+
+    @property
+    def store(self) -> ResultsStore:
+        if self._store is None:
+            self._store = ResultsStore(self.options.results_dir)
+        return self._store
+
+    @property
+    def options(self) -> RunOptions:
+        opt = self.config.option
+        matrix = self.config.stash.get(_MATRIX, None)
+        return RunOptions(
+            matrix_path=str(matrix.path) if matrix else DEFAULT_MATRIX,
+            results_dir=Path(opt.moe_results_dir),
+            timeout_override_s=opt.moe_server_timeout,
+            profile=opt.moe_profile,
+            cooldown_s=opt.moe_cooldown,
+            grace_s=opt.moe_grace,
+            progress_interval_s=opt.moe_progress_interval,
+        )
+
+    # -- signals: a cancelled CI job sends SIGTERM; turn it into an interrupt so teardown runs ------
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+    # -- collection ------------------------------------------------------------------------------
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection(self, session: pytest.Session) -> None:
+        """Load and validate the matrix before any test is collected: a bad file is a usage error."""
+        given = self.config.option.moe_matrix
+        path = Path(given) if given else self.config.rootpath / DEFAULT_MATRIX
+        if not given and not path.exists():
+            self.config.stash[_MATRIX] = None
+            return
+        try:
+            self.config.stash[_MATRIX] = load_matrix(path)
+        except MatrixError as exc:
+            raise pytest.UsageError(str(exc)) from None
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        if "moe_config" not in metafunc.fixturenames:
+            return
+        matrix = self.config.stash.get(_MATRIX, None)
+        if matrix is None:
+            raise pytest.UsageError(f"no matrix: {DEFAULT_MATRIX} is not in {self.config.rootpath}; pass --moe-matrix PATH")
+        metafunc.parametrize(
+            "moe_config",
+            [pytest.param(cfg, id=cfg.id, marks=[getattr(pytest.mark, m) for m in cfg.markers]) for cfg in matrix.configs],
+        )
+
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        """``--moe-config`` selection, GPU-shortfall skips, and largest-first order (keeps a node busy)."""
+        wanted = set(config.option.moe_config)
+        matrix = config.stash.get(_MATRIX, None)
+        if wanted:
+            known = set(matrix.by_id()) if matrix else set()
+            unknown = sorted(wanted - known)
+            if unknown:
+                raise pytest.UsageError(
+                    f"--moe-config {unknown[0]!r} is not a config of {matrix.path if matrix else 'any matrix'}"
+                    f" (e.g. {', '.join(sorted(known)[:3])})"
+                )
+            keep = [it for it in items if _config(it) is None or _config(it).id in wanted]
+            config.hook.pytest_deselected(items=[it for it in items if it not in keep])
+            items[:] = keep
+        found = None
+        for item in items:
+            cfg = _config(item)
+            if cfg is not None and cfg.gpus_needed:
+                found = gpus.discover_gpus() if found is None else found
+                reason = gpus.shortfall_reason(cfg.gpus_needed, found)
+                if reason:
+                    item.add_marker(pytest.mark.skip(reason=f"{cfg.id} {reason}"))
+        items.sort(key=lambda it: -(_config(it).gpus_needed if _config(it) else 0))
+
+    # -- outcomes ----------------------------------------------------------------------------------
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]):
+        report = yield
+        cell = item.stash.get(_CELL, None)
+        if cell is None or report.when == "teardown" or report.skipped or (report.when == "setup" and report.passed):
+            return report
+        if report.passed:
+            entry = {**cell.success_entry(), "status": "success"}
+            self.store.record_success(cell.cfg.id, entry)
+        else:
+            exc = call.excinfo.value if call.excinfo else None
+            classification = cell.classify_failure(exc, call.excinfo.exconly() if call.excinfo else str(report.longrepr))
+            entry = {**cell.failure_entry(classification), "status": "failed"}
+            self.store.record_failure(cell.cfg.id, entry)
+            report.sections.append(("pytest-moe", _failure_text(entry)))
+        _apply_known_failure(report, cell.cfg, entry)
+        props = [("moe_id", cell.cfg.id), *junit_properties(entry)]
+        item.user_properties.extend(props)
+        report.user_properties = list(report.user_properties) + props
+        return report
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Collect outcomes here: under xdist this runs in the controller with the workers' properties."""
+        props = dict(report.user_properties)
+        if "moe_id" in props and report.when != "teardown":
+            self.outcomes.append(props)
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+        if not self.outcomes or hasattr(config, "workerinput"):
+            return
+        successes = [o for o in self.outcomes if o.get("status") == "success"]
+        failures = [o for o in self.outcomes if o.get("status") != "success"]
+        text = summary_markdown(successes, failures)
+        terminalreporter.section("pytest-moe results")
+        terminalreporter.write(text)
+        terminalreporter.write_line(f"results: {self.store.success_path} and {self.store.failure_path}")
+        step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if step_summary:
+            with open(step_summary, "a", encoding="utf-8") as fh:
+                fh.write(text)
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture
+def moe_cell(request: pytest.FixtureRequest, moe_config: ServerConfig):
+    """The run of one config; leases its GPUs for the whole test (released after the memory check)."""
+    session: MoESession = request.config.pluginmanager.get_plugin("moe-session")
+    lease = gpus.GpuLeaser().acquire(moe_config.gpus_needed, config_id=moe_config.id) if moe_config.gpus_needed else None
+    try:
+        cell = CellRun(moe_config, session.options, gpu_indices=list(lease.indices) if lease else [],
+                       progress=_progress_writer(request.config))
+        request.node.stash[_CELL] = cell
+        yield cell
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+@pytest.fixture
+def moe_server(moe_cell: CellRun):
+    """A ready server for the config; always torn down, whatever happens in the test."""
+    server = moe_cell.start_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def moe_bench(moe_cell: CellRun, moe_server):
+    """Run the benchmark (and the profiles with ``--moe-profile``) against ``moe_server``."""
+    return moe_cell.benchmark
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _config(item: pytest.Item) -> ServerConfig | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("moe_config") if callspec else None
+
+
+def _failure_text(entry: dict[str, Any]) -> str:
+    return (
+        f"{entry['model']}::{entry['config']} failed: {entry['error_type']}: {entry['error_message']}\n"
+        f"reproduce: {entry['repro_command']}\n"
+        f"server command: {entry.get('server_command') or '(not started)'}\n"
+        f"server log: {entry['log_path']}\n"
+    )
+
+
+def _apply_known_failure(report: pytest.TestReport, cfg: ServerConfig, entry: dict[str, Any]) -> None:
+    """A matrix ``known_failures`` entry: xfail on that error type, fail loudly when it passes or fails otherwise."""
+    known = cfg.known_failure
+    if known is None or report.when != "call" and report.passed:
+        return
+    if report.failed and entry.get("error_type") == known.error_type:
+        report.outcome = "skipped"
+        report.wasxfail = f"known failure ({known.error_type}): {known.reason}"
+        entry["status"] = "xfailed"
+    elif report.passed:
+        report.outcome = "failed"
+        report.longrepr = f"[XPASS(strict)] {cfg.id} is listed in known_failures ({known.error_type}) but passed: remove it"
+    elif report.failed:
+        report.sections.append(("pytest-moe", f"expected {known.error_type} ({known.reason}), got {entry.get('error_type')}"))
+
+
+def _progress_writer(config: pytest.Config):
+    """Progress lines go to the terminal even while output is captured."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capman = config.pluginmanager.get_plugin("capturemanager")
+
+    def write(line: str) -> None:
+        if reporter is None or capman is None:
+            return
+        with capman.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+    return write
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"received signal {signum}")
+

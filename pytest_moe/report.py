@@ -1,0 +1,111 @@
+"""What a reader sees: per-model markdown tables, failure lines with a one-line repro, JUnit properties.
+
+Everything here is pure formatting over plain dicts (the same entries the results files hold), so the
+terminal summary, ``$GITHUB_STEP_SUMMARY`` and the CLI all print the same thing.  Secrets are redacted
+here, at the one place text leaves the harness.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+#: Seed 001's table columns, in order, with the entry field each one shows.
+TABLE_COLUMNS = (
+    ("batch size", "batch_size"),
+    ("input len", "input_len"),
+    ("latency (s)", "latency_s"),
+    ("input throughput (tok/s)", "input_throughput_tok_per_s"),
+    ("output throughput (tok/s)", "output_throughput_tok_per_s"),
+    ("ITL (ms)", "itl_ms"),
+    ("profile (extend)", "profile_extend"),
+    ("profile (decode)", "profile_decode"),
+)
+
+#: Metric fields carried as JUnit properties (``--junitxml``) and back to the xdist controller.
+METRIC_FIELDS = tuple(field for _, field in TABLE_COLUMNS) + ("output_len", "ttft_s")
+
+_SECRET_NAME = re.compile(r"^(HF_TOKEN|HUGGING_FACE_HUB_TOKEN|.*_API_KEY|.*_TOKEN|.*_SECRET|.*_PASSWORD)$")
+_SECRET_ASSIGN = re.compile(r"\b(HF_TOKEN|[A-Z0-9_]*(?:_API_KEY|_TOKEN|_SECRET|_PASSWORD))=(\S+)")
+_SECRET_FLAG = re.compile(r"(--(?:api-key|hf-token|token)[= ])(\S+)")
+_URL_CREDENTIALS = re.compile(r"([a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Hide tokens, API keys and URL credentials: by variable name, flag, URL form, and by value."""
+    for name, value in os.environ.items():
+        if _SECRET_NAME.match(name) and len(value) >= 6:
+            text = text.replace(value, "***")
+    text = _SECRET_ASSIGN.sub(r"\1=***", text)
+    text = _SECRET_FLAG.sub(r"\1***", text)
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
+def shell_line(argv: Iterable[str]) -> str:
+    """A copy-pasteable, redacted rendering of an argument list."""
+    return redact(shlex.join(list(argv)))
+
+
+def repro_command(config_id: str, matrix_path: str, test_path: str = "test/nightly") -> str:
+    """One command that reruns exactly this config (``--moe-config`` selects by exact id)."""
+    return shlex.join(["pytest", test_path, "--moe-matrix", matrix_path, "--moe-config", config_id])
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def success_tables(entries: Iterable[dict[str, Any]]) -> str:
+    """Seed 001's table, one per model, one row per config."""
+    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for entry in entries:
+        by_model[entry["model"]].append(entry)
+    blocks = []
+    for model in sorted(by_model):
+        header = "| config | " + " | ".join(title for title, _ in TABLE_COLUMNS) + " |"
+        rule = "|" + "---|" * (len(TABLE_COLUMNS) + 1)
+        rows = [
+            "| " + " | ".join([entry["config"], *(_cell(entry.get(field)) for _, field in TABLE_COLUMNS)]) + " |"
+            for entry in sorted(by_model[model], key=lambda e: e["config"])
+        ]
+        blocks.append("\n".join([f"### {model}", "", header, rule, *rows]))
+    return "\n\n".join(blocks)
+
+
+def failure_table(entries: Iterable[dict[str, Any]]) -> str:
+    """Failed and predicted-to-fail configs with their error type, message and repro command."""
+    entries = sorted(entries, key=lambda e: (e["model"], e["config"]))
+    if not entries:
+        return ""
+    lines = ["### Failures", "", "| config | error type | status | message |", "|---|---|---|---|"]
+    for entry in entries:
+        message = _cell(entry.get("error_message")).replace("|", "\\|").replace("\n", " ")[:200]
+        lines.append(f"| {entry['model']}::{entry['config']} | {entry.get('error_type', '-')} | {entry.get('status', 'failed')} | {message} |")
+    repros = [f"- `{entry['repro_command']}`" for entry in entries if entry.get("repro_command")]
+    if repros:
+        lines += ["", "Reproduce one config:", "", *repros]
+    return "\n".join(lines)
+
+
+def summary_markdown(successes: list[dict[str, Any]], failures: list[dict[str, Any]]) -> str:
+    """The whole end-of-run summary: counts, then tables."""
+    head = f"## pytest-moe: {len(successes)} succeeded, {len(failures)} failed"
+    parts = [head]
+    if successes:
+        parts.append(success_tables(successes))
+    if failures:
+        parts.append(failure_table(failures))
+    return "\n\n".join(parts) + "\n"
+
+
+def junit_properties(entry: dict[str, Any]) -> list[tuple[str, str]]:
+    """Flat ``name=value`` pairs for ``record_property``; survives xdist (unlike testsuite properties)."""
+    return [(key, str(value)) for key, value in entry.items() if value is not None]

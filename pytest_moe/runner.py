@@ -1,0 +1,163 @@
+"""Running one matrix cell: model → server → benchmark → the entry that goes into the results files.
+
+Why a module of its own: the pytest fixtures and hooks stay thin (they only decide *when*), and this
+is the one place that knows *how* a config is run and described — also usable without pytest.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytest_moe import gpus
+from pytest_moe.bench import BenchResult, profile_stages, run_benchmark
+from pytest_moe.engines import get_engine
+from pytest_moe.errors import Classification, classify
+from pytest_moe.matrix import TINY_PREFIX, ServerConfig
+from pytest_moe.report import redact, repro_command, shell_line
+from pytest_moe.server import Progress, Server, ServerError
+from pytest_moe.tiny import ensure_tiny_model
+
+#: The seed's fixed pause between configs; used when no GPU memory wait could replace it.
+SEED_COOLDOWN_S = 5.0
+#: pytest-timeout's failure text (``signal`` method): a harness-level timeout, whatever the log says.
+_PYTEST_TIMEOUT = re.compile(r"^Failed: Timeout >")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Command-line choices that apply to every cell of a run."""
+
+    matrix_path: str
+    results_dir: Path
+    timeout_override_s: float | None = None
+    profile: bool = False
+    cooldown_s: float | None = None
+    grace_s: float = 10.0
+    progress_interval_s: float = 30.0
+    memory_timeout_s: float = 120.0
+    test_path: str = "test/nightly"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.results_dir / "logs"
+
+
+def safe_name(text: str) -> str:
+    """A model or config id made safe as a file name (``Qwen3-235B::TP8_EP2_auto`` → ``Qwen3-235B__TP8_EP2_auto``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "config"
+
+
+def resolve_model_path(path: str) -> str:
+    """``tiny:NAME`` builds (once) and returns a local tiny checkpoint; anything else is passed to the engine."""
+    return str(ensure_tiny_model(path[len(TINY_PREFIX):])) if path.startswith(TINY_PREFIX) else path
+
+
+class CellRun:
+    """State of one config's run, from launch to its results entry."""
+
+    def __init__(self, cfg: ServerConfig, opts: RunOptions, *, gpu_indices: list[int], progress: Progress):
+        self.cfg = cfg
+        self.opts = opts
+        self.engine = get_engine(cfg.engine)
+        self.gpu_indices = gpu_indices
+        self.progress = progress
+        self.log_path = opts.log_dir / f"{safe_name(cfg.id)}.log"
+        self.profile_dir = opts.results_dir / "traces" / safe_name(cfg.model) / safe_name(cfg.name) if opts.profile else None
+        self.server: Server | None = None
+        self.result: BenchResult | None = None
+        self.profiles: dict[str, str] = {}
+        self._memory_baseline: dict[int, int] | None = None
+
+    # -- running -----------------------------------------------------------------------------------
+    def start_server(self) -> Server:
+        """Launch and wait for readiness; on any failure the server is already torn down."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.unlink(missing_ok=True)
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, self.gpu_indices))} if self.engine.spec.uses_gpus else {}
+        self._memory_baseline = gpus.memory_snapshot(self.gpu_indices) if self.gpu_indices else None
+        self.server = Server(
+            self.engine, self.cfg,
+            model_path=resolve_model_path(self.cfg.model_path),
+            served_name=f"pytest-moe/{safe_name(self.cfg.id)}/{secrets.token_hex(3)}",
+            log_path=self.log_path,
+            timeout_s=self.opts.timeout_override_s or self.cfg.timeout_s,
+            profile_dir=self.profile_dir / "raw" if self.profile_dir else None,
+            extra_env=env,
+            progress=self.progress,
+            progress_interval_s=self.opts.progress_interval_s,
+            grace_s=self.opts.grace_s,
+            after_stop=self._after_stop,
+        )
+        return self.server.__enter__()
+
+    def benchmark(self) -> BenchResult:
+        assert self.server is not None
+        self.result = run_benchmark(self.server.base_url, self.server.served_name, self.cfg.bench)
+        if self.profile_dir is not None:
+            self.profiles = profile_stages(
+                self.engine, self.server.base_url, self.server.served_name, self.cfg.bench,
+                launch_dir=self.server.profile_dir, out_dir=self.profile_dir,
+            )
+        return self.result
+
+    def _after_stop(self, server: Server) -> None:
+        """Wait for GPU memory to come back (NVML), else fall back to the seed's fixed pause."""
+        waited = None
+        if self.gpu_indices and server.teardown is not None:
+            waited = gpus.wait_for_memory_release(
+                self.gpu_indices, set(server.teardown.pids), self._memory_baseline, timeout_s=self.opts.memory_timeout_s,
+            )
+            if waited is not None:
+                self.progress(f"[pytest-moe] {self.cfg.id}: {waited.describe()}")
+        pause = self.opts.cooldown_s if self.opts.cooldown_s is not None else (0.0 if waited else SEED_COOLDOWN_S)
+        time.sleep(pause)
+
+    # -- describing --------------------------------------------------------------------------------
+    def base_entry(self) -> dict[str, Any]:
+        """Fields every entry carries so a reader can act on it without opening anything else."""
+        infos = {g.index: g for g in gpus.discover_gpus()} if self.gpu_indices else {}
+        names = sorted({infos[i].name for i in self.gpu_indices if i in infos}) if self.gpu_indices else []
+        server_command = shell_line(self.server.argv) if self.server else None
+        return {
+            "model": self.cfg.model,
+            "config": self.cfg.name,
+            "engine": self.cfg.engine,
+            "engine_version": self.engine.version(),
+            "gpu_name": ", ".join(names) if names else ("cpu" if not self.engine.spec.uses_gpus else "unknown"),
+            "gpu_count": len(self.gpu_indices),
+            "server_command": server_command,
+            "log_path": str(self.log_path),
+            "repro_command": repro_command(self.cfg.id, self.cfg.matrix_path, self.opts.test_path),
+        }
+
+    def success_entry(self) -> dict[str, Any]:
+        assert self.result is not None
+        entry = {**self.base_entry(), **self.result.record()}
+        entry["profile_extend"] = self.profiles.get("extend")
+        entry["profile_decode"] = self.profiles.get("decode")
+        entry["ready_after_s"] = round(self.server.ready_after_s, 1) if self.server and self.server.ready_after_s else None
+        return entry
+
+    def failure_entry(self, classification: Classification) -> dict[str, Any]:
+        return {
+            **self.base_entry(),
+            "error_type": classification.error_type,
+            "error_message": redact(classification.message),
+        }
+
+    def classify_failure(self, exc: BaseException | None, exc_text: str) -> Classification:
+        """Harness-known timeouts first; otherwise the classifier reads the exception and the server log."""
+        if isinstance(exc, ServerError) and exc.timed_out or _PYTEST_TIMEOUT.match(exc_text):
+            return Classification("Timeout", exc_text.splitlines()[0][:300], None)
+        log = ""
+        if self.log_path.exists():
+            with open(self.log_path, "rb") as fh:
+                fh.seek(0, 2)
+                fh.seek(max(0, fh.tell() - 4 * 1024 * 1024))
+                log = fh.read().decode("utf-8", "replace")
+        return classify(exc_text + "\n" + log)

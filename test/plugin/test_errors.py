@@ -1,0 +1,295 @@
+"""Tests for pytest_moe.errors: real engine messages land on the right type, the root cause wins.
+
+The messages are the ones SGLang / vLLM / PyTorch / NCCL / transformers really print (see
+docs/errors.md and the `source` of each YAML pattern); the logs under data/logs are trimmed
+copies of real failure cascades.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pytest_moe import errors
+from pytest_moe.datafiles import load_yaml
+from pytest_moe.errors import ERROR_TYPES, Classification, ErrorPatternsError, classify, classify_file
+
+LOGS = Path(__file__).parent / "data" / "logs"
+RULES = errors.load_rules()
+HARNESS_TIMEOUT = "TimeoutError: Server failed to start within the timeout period (2000 s)."
+
+
+# --- the YAML verifies itself --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", RULES.patterns, ids=lambda p: p.id)
+def test_every_pattern_example_classifies_to_its_own_type(pattern: errors.Pattern) -> None:
+    got = classify(pattern.example)
+    assert got.error_type == pattern.error_type, (pattern.id, got)
+    assert got.pattern_id == pattern.id
+
+
+@pytest.mark.parametrize("pattern", RULES.cascade, ids=lambda p: p.id)
+def test_cascade_lines_are_never_a_type_of_their_own(pattern: errors.Pattern) -> None:
+    assert classify(pattern.example) == Classification("ServerError", pattern.example, None)
+
+
+def test_every_type_but_the_fallback_has_patterns() -> None:
+    assert set(RULES.precedence) == set(ERROR_TYPES) - {"ServerError"}
+    for error_type in RULES.precedence:
+        assert RULES.of_type(error_type), error_type
+
+
+# --- the seed messages from the nightly runs, and the ones measured on the vLLM CPU build --------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("AssertionError: modelopt_fp4 quantization or bf16 is required for Flashinfer Cutlass MOE", "UnsupportedBackend"),
+        (
+            "ValueError: For quantized MoE models, please make sure (moe_intermediate_size=XXX / moe_tp_size=8) "
+            "% weight_block_size_n=128 == 0",
+            "QuantBlockAlignment",
+        ),
+        (
+            "ValueError: Quantization method specified in the model config (compressed-tensors) does not match the "
+            "quantization method specified in the `quantization` argument (fp8).",
+            "QuantizationConflict",
+        ),
+        (
+            "ValueError: The output_size of gate's and up's weight = 192 is not divisible by weight quantization block_n = 128.",
+            "QuantBlockAlignment",
+        ),
+        ("torch.OutOfMemoryError: CUDA out of memory.", "OOM"),
+        ("TimeoutError: Server failed to start within the timeout period.", "Timeout"),
+        (HARNESS_TIMEOUT, "Timeout"),
+        ("Exception: Capture cuda graph failed: No supported CUDA architectures found for major versions [10].", "UnsupportedBackend"),
+        ("Exception: Capture cuda graph failed: CUDA error: operation not supported", "CudaGraphCapture"),
+        ("Exception: Capture cuda graph failed: CUDA out of memory. Tried to allocate 2.00 GiB.", "OOM"),
+        ("RuntimeError: Unsupported CPU attention configuration: head_dim=16 isa=1", "UnsupportedBackend"),
+        (
+            "ValueError: Available memory on node 0 (2.1/15.5 GiB) on startup is less than desired CPU memory "
+            "utilization (0.9, 14.0 GiB).",
+            "OOM",
+        ),
+        ("vllm serve: error: argument --quantization/-q: invalid choice: 'fp9' (choose from 'awq', 'fp8')", "InvalidArgument"),
+        ("argument --quantization: invalid choice: 'fp9' (choose from ...)", "InvalidArgument"),
+        ("vllm serve: error: unrecognized arguments: --foo", "InvalidArgument"),
+        ("importlib.metadata.PackageNotFoundError: No package metadata was found for vllm", "MissingDependency"),
+        ("PackageNotFoundError: No package metadata was found for vllm", "MissingDependency"),
+        ("ModuleNotFoundError: No module named 'sgl_kernel'", "MissingDependency"),
+        ("OSError: [Errno 98] Address already in use", "PortInUse"),
+        (
+            "ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', 8000): address already in use",
+            "PortInUse",
+        ),
+        (
+            "error while attempting to bind on address ('127.0.0.1', 8000): address already in use",
+            "PortInUse",
+        ),
+        (
+            "ValueError: Loading /models/Kimi-K2 requires you to execute the configuration file in that repo on your "
+            "local machine. Make sure you have read the code there to avoid malicious use, then set the option "
+            "`trust_remote_code=True` to remove this error.",
+            "TrustRemoteCode",
+        ),
+        (
+            "ValueError: The repository /models/Kimi-K2 contains custom code which must be executed to correctly load "
+            "the model. You can inspect the repository content at /models/Kimi-K2 .\n"
+            " You can inspect the repository content at https://hf.co//models/Kimi-K2.\n"
+            "Please pass the argument `trust_remote_code=True` to allow custom code to be run.",
+            "TrustRemoteCode",
+        ),
+        (
+            "torch.distributed.DistBackendError: NCCL error in: /pytorch/torch/csrc/distributed/c10d/NCCLUtils.hpp:268, "
+            "unhandled cuda error (run with NCCL_DEBUG=INFO for details), NCCL version 2.21.5",
+            "NCCL",
+        ),
+        ("ncclUnhandledCudaError: Call to CUDA function failed.", "NCCL"),
+        ("node-7:1234:5678 [3] misc/socket.cc:50 NCCL WARN socketProgress: Connection closed by remote peer", "NCCL"),
+        ("RuntimeError: CUDA error: an illegal memory access was encountered", "IllegalMemoryAccess"),
+        ("enqueue.cc:1556 NCCL WARN Cuda failure 700 'an illegal memory access was encountered'", "IllegalMemoryAccess"),
+        ("Segmentation fault (core dumped)", "Crash"),
+        ("Fatal Python error: Segmentation fault", "Crash"),
+        ("Aborted (core dumped)", "Crash"),
+        ("Process EngineCore_DP0 (PID: 4242) died with exit code -9", "Crash"),
+        ("RuntimeError: Rank 0 scheduler died during initialization (exit code: -9). If exit code is -9 (SIGKILL), a common cause is the OS OOM killer.", "Crash"),
+        ("Worker proc VllmWorker-1 died unexpectedly (exit code: -11), shutting down executor.", "Crash"),
+        ("Scheduler or DataParallelController 4242 terminated with -11", "Crash"),
+    ],
+)
+def test_real_messages(text: str, expected: str) -> None:
+    assert classify(text).error_type == expected
+
+
+@pytest.mark.parametrize(
+    "benign",
+    [
+        # vLLM CPU build, every start: optional import, not a missing dependency.
+        "WARNING 11-22 08:19:52 [_custom_ops.py:20] Failed to import from vllm._C with ModuleNotFoundError(\"No module named 'vllm._C'\")",
+        # vllm/config/parallel.py retries on its own.
+        "WARNING 11-22 08:19:52 [parallel.py:746] Address already in use. Retrying with a new port.",
+        # sglang/srt/utils/network.py picks the next port.
+        "[2025-11-22 07:41:12] Port 30000 is already in use, trying port 30001",
+        # sglang deep_gemm warm-up shrinks itself.
+        "Available memory 3GB is less than required memory 5GB for warmup, reducing max_m to 2048 to avoid out of memory",
+        # sglang: non-fatal graph capture fallback.
+        "Kimi-K3 ViT CUDA graph capture failed for key=(1, 2); falling back to eager",
+        # teardown SIGTERM from our own harness.
+        "Scheduler or DataParallelController 4242 terminated with -15",
+        "INFO 11-22 09:02:30 [pynccl.py:63] vLLM is using nccl==2.27.3",
+    ],
+)
+def test_benign_lines_are_not_classified(benign: str) -> None:
+    got = classify(benign)
+    assert (got.error_type, got.pattern_id) == ("ServerError", None)
+
+
+# --- precedence: the root cause wins over the cascade -------------------------------------
+
+
+def test_cpu_attention_root_cause_beats_engine_dead() -> None:
+    got = classify_file(LOGS / "vllm_cpu_unsupported_head_dim.log")
+    assert got == Classification(
+        "UnsupportedBackend",
+        "RuntimeError: Unsupported CPU attention configuration: head_dim=16 isa=1",
+        "vllm-cpu-attention-config",
+    )
+
+
+def test_worker_segfault_is_a_crash_not_engine_dead() -> None:
+    got = classify_file(LOGS / "vllm_worker_sigsegv.log")
+    assert got.error_type == "Crash"
+    assert got.message == "Worker proc VllmWorker-1 died unexpectedly (exit code: -11), shutting down executor."
+
+
+def test_trtllm_moe_on_hopper_is_unsupported_backend_not_graph_capture() -> None:
+    got = classify_file(LOGS / "sglang_trtllm_moe_on_hopper.log")
+    assert got.error_type == "UnsupportedBackend"
+    assert got.pattern_id == "flashinfer-no-cuda-arch"
+    # earliest match: the flashinfer RuntimeError, before sglang's "Capture cuda graph failed" wrapper
+    assert got.message == "RuntimeError: No supported CUDA architectures found for major versions [10]."
+
+
+def test_oom_on_one_rank_beats_nccl_on_the_others_and_the_kill() -> None:
+    got = classify_file(LOGS / "sglang_oom_then_nccl.log")
+    assert got.error_type == "OOM"
+    assert got.message.startswith("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.75 GiB.")
+
+
+@pytest.mark.parametrize(
+    ("log", "expected"),
+    [
+        ("vllm_cpu_unsupported_head_dim.log", "UnsupportedBackend"),
+        ("vllm_worker_sigsegv.log", "Crash"),
+        ("sglang_trtllm_moe_on_hopper.log", "UnsupportedBackend"),
+        ("sglang_oom_then_nccl.log", "OOM"),
+    ],
+)
+def test_harness_timeout_line_does_not_hide_the_root_cause(log: str, expected: str) -> None:
+    text = HARNESS_TIMEOUT + "\n" + (LOGS / log).read_text()
+    assert classify(text).error_type == expected
+
+
+def test_harness_timeout_alone_keeps_its_message() -> None:
+    got = classify(HARNESS_TIMEOUT + "\n[2025-11-22 07:41:40 TP0] Load weight begin. avail mem=78.38 GB\n")
+    assert got == Classification("Timeout", HARNESS_TIMEOUT, "harness-server-start-timeout")
+
+
+def test_pydantic_wrapped_quant_dtype_error_is_a_conflict_not_a_bad_argument() -> None:
+    text = (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for VllmConfig\n"
+        "  Value error, torch.float16 is not supported for quantization method mxfp4. Supported dtypes: [torch.bfloat16]"
+    )
+    assert classify(text).error_type == "QuantizationConflict"
+
+
+def test_within_a_type_the_earliest_line_is_reported() -> None:
+    text = "RuntimeError: NCCL error: unhandled system error\nnode:1:2 [0] NCCL WARN late noise\n"
+    assert classify(text).message == "RuntimeError: NCCL error: unhandled system error"
+
+
+# --- the fallback --------------------------------------------------------------------------
+
+
+def test_unrecognised_root_cause_reports_the_root_exception_not_the_cascade() -> None:
+    got = classify_file(LOGS / "vllm_unrecognised_root_cause.log")
+    assert got == Classification("ServerError", "KeyError: 'model.layers.1.mlp.experts.w13_weight_scale_inv'", None)
+
+
+def test_fallback_prefers_an_error_line_then_the_last_line() -> None:
+    assert classify("starting\nbenchmark request failed: HTTP 500\nshutting down\n").message == (
+        "benchmark request failed: HTTP 500"
+    )
+    assert classify("starting\nshutting down\n\n").message == "shutting down"
+    assert classify("").message == "(empty log)"
+
+
+def test_message_is_one_stripped_line_of_at_most_300_chars() -> None:
+    long_line = "\x1b[36m(EngineCore_DP0 pid=7)\x1b[0m ERROR 11-22 08:20:03 [core.py:708] RuntimeError: CUDA error: " + (
+        "an illegal memory access was encountered " * 20
+    )
+    got = classify("noise\n" + long_line + "\nmore noise")
+    assert got.error_type == "IllegalMemoryAccess"
+    assert got.message.startswith("RuntimeError: CUDA error: an illegal memory access")
+    assert len(got.message) == errors.MAX_MESSAGE_CHARS and "\n" not in got.message
+
+
+# --- classify_file: big logs, bad bytes ------------------------------------------------------
+
+
+def test_big_log_tail_with_bad_utf8(tmp_path: Path) -> None:
+    noise = b"[2025-11-22 07:41:40 TP0] Decode batch. #running-req: 64, #token: 81234, gen throughput (token/s): 4123.55\n"
+    root = b"[2025-11-22 08:41:40 TP0] Scheduler hit an exception: Traceback (most recent call last):\n"
+    root += b"torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 512.00 MiB. \xff\xfe\n"
+    early = b"ModuleNotFoundError: No module named 'must_not_be_seen'\n"  # beyond the 4 MiB tail
+    log = tmp_path / "server.log"
+    log.write_bytes(early + noise * (6 * 1024 * 1024 // len(noise)) + root + noise * 100)
+
+    start = time.perf_counter()
+    got = classify_file(log)
+    elapsed_ms = (time.perf_counter() - start) * 1000
+    print(f"classify_file on {log.stat().st_size / 2**20:.1f} MiB: {elapsed_ms:.1f} ms")
+
+    assert got.error_type == "OOM"
+    assert got.message == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 512.00 MiB. \ufffd\ufffd"
+
+
+def test_big_log_without_a_known_pattern_uses_the_fallback(tmp_path: Path) -> None:
+    noise = "INFO 11-22 09:02:30 [loggers.py:123] Engine 000: Avg prompt throughput: 0.0 tokens/s\n"
+    log = tmp_path / "server.log"
+    log.write_text(noise * (4 * 1024 * 1024 // len(noise)) + "AssertionError: expert map mismatch\n" + noise * 50)
+    start = time.perf_counter()
+    got = classify_file(log)
+    print(f"fallback on 4 MiB: {(time.perf_counter() - start) * 1000:.1f} ms")
+    assert got == Classification("ServerError", "AssertionError: expert map mismatch", None)
+
+
+# --- bad YAML is reported clearly ----------------------------------------------------------
+
+
+def _data() -> dict:
+    return yaml.safe_load(yaml.safe_dump(load_yaml(errors.PATTERNS_FILE)))  # a private deep copy
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda d: d["patterns"][0].update(regex="(unclosed"), r"x.yaml: pattern 'sglang-moe-tp-block-size': invalid regex"),
+        (lambda d: d["patterns"][0].update(error_type="Oops"), r"pattern 'sglang-moe-tp-block-size': error_type 'Oops' is not one of"),
+        (lambda d: d["patterns"][1].pop("example"), r"pattern 'weight-quant-block-divisibility': missing 'example'"),
+        (lambda d: d["patterns"][1].update(id="sglang-moe-tp-block-size"), r"pattern 'sglang-moe-tp-block-size': duplicate id"),
+        (lambda d: d["cascade"][0].update(error_type="Crash"), r"pattern 'vllm-engine-dead': cascade lines have no error_type"),
+        (lambda d: d["precedence"].remove("OOM"), r"x.yaml: precedence: must list each of"),
+        (lambda d: d["patterns"][2].pop("id"), r"x.yaml: patterns\[2\]: expected a mapping with an 'id'"),
+    ],
+)
+def test_bad_yaml_names_file_and_pattern(mutate, match: str) -> None:
+    data = _data()
+    mutate(data)
+    with pytest.raises(ErrorPatternsError, match=match):
+        errors.parse_rules(data, "x.yaml")

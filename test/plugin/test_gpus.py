@@ -1,0 +1,333 @@
+"""pytest_moe.gpus on a machine without GPUs: discovery rules against a fake NVML, the memory wait,
+and leasing between real processes (mutual exclusion, reclaim after SIGKILL, no starvation)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pytest_moe import gpus
+from pytest_moe.gpus import (
+    GpuLeaser,
+    GpuMemoryNotReleasedWarning,
+    discover_gpus,
+    lease_overlaps,
+    memory_snapshot,
+    read_lease_log,
+    shortfall_reason,
+    wait_for_memory_release,
+)
+
+GIB = 1 << 30
+MP = multiprocessing.get_context("fork")
+
+
+class FakeNvmlError(Exception):
+    pass
+
+
+@dataclass
+class FakeNvml:
+    """Just the pynvml calls gpus.py makes; `tick` runs on every memory read to move time forward."""
+
+    uuids: list[str]
+    used: dict[int, int] = field(default_factory=dict)
+    procs: dict[int, list[int]] = field(default_factory=dict)
+    tick: Callable[[FakeNvml], None] = lambda nvml: None
+    NVMLError: type[Exception] = FakeNvmlError
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.uuids)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetName(self, h: int) -> bytes:
+        return b"NVIDIA H200"  # old pynvml returns bytes
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> SimpleNamespace:
+        self.tick(self)
+        return SimpleNamespace(total=141 * GIB, used=self.used.get(h, GIB // 2))
+
+    def nvmlDeviceGetCudaComputeCapability(self, h: int) -> tuple[int, int]:
+        return (9, 0)
+
+    def nvmlDeviceGetUUID(self, h: int) -> str:
+        return self.uuids[h]
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[SimpleNamespace]:
+        return [SimpleNamespace(pid=p, usedGpuMemory=GIB) for p in self.procs.get(h, [])]
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv(gpus.PIN_ENV, raising=False)
+    return monkeypatch
+
+
+def use_nvml(monkeypatch: pytest.MonkeyPatch, nvml: FakeNvml | None) -> None:
+    monkeypatch.setattr(gpus, "_nvml", lambda: nvml)
+
+
+FOUR = FakeNvml(uuids=["GPU-aaaa-0", "GPU-bbbb-1", "GPU-bbcc-2", "GPU-dddd-3"])
+
+
+# -- discovery ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("visible", "expected"),
+    [
+        (None, [0, 1, 2, 3]),
+        ("2,0", [2, 0]),
+        (" 3 , 1 ", [3, 1]),
+        ("GPU-bbbb", [1]),  # a unique UUID prefix
+        ("GPU-bb", []),  # ambiguous prefix names no GPU, so the list ends there
+        ("1,7,2", [1]),  # like CUDA: the list ends at the first invalid entry
+        ("1,1,2", [1, 2]),
+        ("", []),
+        ("-1", []),
+        ("0,-1,2", [0]),
+    ],
+)
+def test_cuda_visible_devices_with_nvml(env: pytest.MonkeyPatch, visible: str | None, expected: list[int]) -> None:
+    use_nvml(env, FOUR)
+    if visible is not None:
+        env.setenv("CUDA_VISIBLE_DEVICES", visible)
+    found = discover_gpus()
+    assert [g.index for g in found] == expected
+    if found:
+        assert found[0].name == "NVIDIA H200"
+        assert found[0].compute_capability == (9, 0)
+        assert found[0].memory_total_bytes == 141 * GIB
+
+
+def test_without_nvml(env: pytest.MonkeyPatch) -> None:
+    use_nvml(env, None)
+    assert discover_gpus() == []
+    assert memory_snapshot([0]) is None
+    assert wait_for_memory_release([0], {123}, None) is None
+    env.setenv("CUDA_VISIBLE_DEVICES", "0,3")
+    found = discover_gpus()
+    assert [(g.index, g.name, g.memory_total_bytes) for g in found] == [(0, "unknown", None), (3, "unknown", None)]
+    # A GPU named by UUID keeps that name for the server: without NVML its index is unknown.
+    env.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa,GPU-bbbb")
+    assert [g.cuda_id for g in discover_gpus()] == ["GPU-aaaa", "GPU-bbbb"]
+
+
+def test_pin_replaces_cuda_visible_devices(env: pytest.MonkeyPatch) -> None:
+    use_nvml(env, FOUR)
+    env.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    env.setenv(gpus.PIN_ENV, "3")
+    found = discover_gpus()
+    assert [g.index for g in found] == [3]
+    assert shortfall_reason(8, found) == "needs 8 GPUs, found 1 (PYTEST_MOE_GPUS='3')"
+    assert shortfall_reason(1, found) is None
+    assert shortfall_reason(0, []) is None  # CPU-engine configs need no GPU
+
+
+def test_shortfall_names_its_source(env: pytest.MonkeyPatch) -> None:
+    use_nvml(env, None)
+    assert shortfall_reason(2, []) == "needs 2 GPUs, found 0 (no NVML and no CUDA_VISIBLE_DEVICES)"
+    use_nvml(env, FOUR)
+    assert shortfall_reason(8, discover_gpus()) == "needs 8 GPUs, found 4 (NVML)"
+
+
+# -- memory release ----------------------------------------------------------------------------
+
+def draining(reads_until_pid_gone: int, reads_until_memory_back: int) -> FakeNvml:
+    """A server on GPUs 0 and 1 whose pid vanishes, then whose memory returns, after so many reads."""
+    reads = 0
+
+    def tick(nvml: FakeNvml) -> None:
+        nonlocal reads
+        reads += 1
+        if reads >= reads_until_pid_gone:
+            nvml.procs = {}
+        if reads >= reads_until_memory_back:
+            nvml.used = {0: GIB // 2, 1: GIB // 2}
+
+    return FakeNvml(uuids=["GPU-0", "GPU-1"], used={0: 60 * GIB, 1: 60 * GIB},
+                    procs={0: [4242, 999], 1: [4243]}, tick=tick)
+
+
+def test_wait_until_pids_gone_and_memory_back(env: pytest.MonkeyPatch) -> None:
+    use_nvml(env, draining(reads_until_pid_gone=4, reads_until_memory_back=10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = wait_for_memory_release([0, 1], {4242, 4243}, {0: GIB // 2, 1: GIB // 2}, timeout_s=5, poll_s=0.01)
+    assert result is not None and result.released
+    assert result.leftover_pids == []
+    assert result.used_bytes == {0: GIB // 2, 1: GIB // 2}
+    assert 0.03 <= result.waited_s < 2  # five polls of two reads each
+    assert result.describe().startswith("GPU memory released after")
+
+
+def test_pids_alone_without_baseline(env: pytest.MonkeyPatch) -> None:
+    use_nvml(env, draining(reads_until_pid_gone=3, reads_until_memory_back=10**9))
+    result = wait_for_memory_release([0, 1], {4242, 4243}, None, timeout_s=5, poll_s=0.01)
+    assert result is not None and result.released and result.used_bytes[0] == 60 * GIB
+
+
+def test_timeout_warns_with_figures(env: pytest.MonkeyPatch) -> None:
+    use_nvml(env, draining(reads_until_pid_gone=10**9, reads_until_memory_back=10**9))
+    with pytest.warns(GpuMemoryNotReleasedWarning) as caught:
+        result = wait_for_memory_release([0, 1], {4242, 4243}, {0: GIB // 2, 1: GIB // 2},
+                                         timeout_s=0.1, poll_s=0.02)
+    assert result is not None and not result.released
+    assert result.leftover_pids == [4242, 4243]  # pid 999 is not ours
+    assert 0.1 <= result.waited_s < 1
+    assert str(caught[0].message) == result.describe()
+    assert "not released after 0.1" in result.describe()
+    assert "pids 4242, 4243 still on the GPUs" in result.describe()
+    assert "GPU 0 used 61440 MiB (baseline 512 MiB, tolerance 1024 MiB)" in result.describe()
+
+
+# -- leasing between processes -----------------------------------------------------------------
+
+def _churn(lock_dir: str, pool: int, count: int, rounds: int, seed: int) -> None:
+    """Lease `count` GPUs `rounds` times; mkdir per GPU is an independent check that nobody else is on it."""
+    leaser = GpuLeaser(lock_dir, gpu_indices=range(pool), poll_s=0.002)
+    for r in range(rounds):
+        with leaser.acquire(count, config_id=f"w{seed}-{r}") as lease:
+            for i in lease.indices:
+                os.mkdir(Path(lock_dir) / f"busy-{i}")  # FileExistsError if two leases share GPU i
+            time.sleep(0.002 * (1 + (seed + r) % 3))
+            for i in lease.indices:
+                os.rmdir(Path(lock_dir) / f"busy-{i}")
+
+
+def test_leases_never_share_a_gpu(tmp_path: Path) -> None:
+    procs = [MP.Process(target=_churn, args=(str(tmp_path), 3, 1 + n % 2, 15, n)) for n in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(20)
+    assert [p.exitcode for p in procs] == [0] * 6
+    events = read_lease_log(tmp_path / "leases.jsonl")
+    assert sum(e["event"] == "acquire" for e in events) == 6 * 15
+    assert sum(e["event"] == "release" for e in events) == 6 * 15
+    assert lease_overlaps(events) == []
+
+
+def test_overlap_check_catches_a_shared_gpu() -> None:
+    events = [
+        {"event": "acquire", "lease": 1, "pid": 10, "indices": [0, 1], "config": "a"},
+        {"event": "acquire", "lease": 2, "pid": 11, "indices": [1], "config": "b"},
+        {"event": "release", "lease": 1, "pid": 10, "indices": [0, 1], "config": "a"},
+        {"event": "acquire", "lease": 3, "pid": 12, "indices": [0], "config": "c"},
+    ]
+    assert lease_overlaps(events) == ["GPU 1: lease 2 (pid 11, b) acquired while lease 1 (pid 10, a) held it"]
+
+
+def test_lease_basics(tmp_path: Path) -> None:
+    leaser = GpuLeaser(tmp_path, gpu_indices=range(8))
+    with leaser.acquire(2, config_id="tp2") as a, leaser.acquire(4) as b:
+        assert a.indices == (0, 1)  # aligned blocks keep the node unfragmented
+        assert b.indices == (4, 5, 6, 7)
+        assert b.cuda_visible_devices == "4,5,6,7"
+        assert a.env() == {"CUDA_VISIBLE_DEVICES": "0,1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        with pytest.raises(TimeoutError, match="waited 0.05 s for 4 of GPUs 0,1,2,3,4,5,6,7"):
+            leaser.acquire(4, timeout_s=0.05)
+    assert leaser.acquire(0).indices == ()  # CPU engines lease nothing
+    with pytest.raises(ValueError, match="big needs 16 GPUs but the lease pool has 8"):
+        leaser.acquire(16, config_id="big")
+
+
+def _hold(lock_dir: str, pool: int, count: int, ready: "multiprocessing.synchronize.Event", child: bool) -> None:
+    lease = GpuLeaser(lock_dir, gpu_indices=range(pool)).acquire(count, config_id="victim")
+    if child:  # a "server" that inherits the lease, like Popen(pass_fds=lease.lock_fds)
+        server = subprocess.Popen(["sleep", "30"], pass_fds=lease.lock_fds, start_new_session=True)
+        (Path(lock_dir) / "server.pid").write_text(str(server.pid))
+    ready.set()
+    time.sleep(30)
+
+
+def _start_holder(lock_dir: Path, pool: int, count: int, child: bool = False) -> multiprocessing.Process:
+    ready = MP.Event()
+    proc = MP.Process(target=_hold, args=(str(lock_dir), pool, count, ready, child))
+    proc.start()
+    assert ready.wait(5)
+    return proc
+
+
+def test_sigkilled_holder_is_reclaimed(tmp_path: Path) -> None:
+    holder = _start_holder(tmp_path, 2, 2)
+    leaser = GpuLeaser(tmp_path, gpu_indices=range(2))
+    with pytest.raises(TimeoutError):
+        leaser.acquire(1, timeout_s=0.1)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join()
+    with leaser.acquire(2, timeout_s=2, config_id="next") as lease:
+        assert lease.indices == (0, 1)
+    events = read_lease_log(tmp_path / "leases.jsonl")
+    assert [(e["event"], e["config"]) for e in events] == [
+        ("acquire", "victim"), ("reclaim", "victim"), ("acquire", "next"), ("release", "next")]
+    assert events[1]["pid"] == holder.pid
+    assert lease_overlaps(events) == []
+
+
+def test_lease_passed_to_a_server_outlives_its_worker(tmp_path: Path) -> None:
+    holder = _start_holder(tmp_path, 1, 1, child=True)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join()
+    leaser = GpuLeaser(tmp_path, gpu_indices=range(1))
+    with pytest.raises(TimeoutError):  # the orphaned "server" still holds GPU 0
+        leaser.acquire(1, timeout_s=0.1)
+    os.kill(int((tmp_path / "server.pid").read_text()), signal.SIGKILL)
+    with leaser.acquire(1, timeout_s=2):
+        pass
+
+
+def _hog(lock_dir: str, stop: "multiprocessing.synchronize.Event") -> None:
+    leaser = GpuLeaser(lock_dir, gpu_indices=range(4), poll_s=0.002)
+    while not stop.is_set():
+        with leaser.acquire(1, config_id="tp1"):
+            time.sleep(0.03)
+
+
+def test_full_node_request_is_not_starved(tmp_path: Path) -> None:
+    """Four TP1 loops keep every GPU busy, releasing one at a time; a TP4 must still get the node."""
+    stop = MP.Event()
+    hogs = [MP.Process(target=_hog, args=(str(tmp_path), stop)) for _ in range(4)]
+    for h in hogs:
+        h.start()
+    time.sleep(0.2)
+    try:
+        lease = GpuLeaser(tmp_path, gpu_indices=range(4), poll_s=0.002).acquire(4, timeout_s=3, config_id="tp4")
+        assert lease.waited_s < 0.5  # one TP1 hold, not a lucky moment with all four free
+        lease.release()
+    finally:
+        stop.set()
+        for h in hogs:
+            h.join(5)
+
+
+def _wait_for_two(lock_dir: str) -> None:
+    GpuLeaser(lock_dir, gpu_indices=range(2)).acquire(2, config_id="tp2")
+
+
+def test_dead_waiter_releases_its_reservation(tmp_path: Path) -> None:
+    leaser = GpuLeaser(tmp_path, gpu_indices=range(2), poll_s=0.005)
+    with leaser.acquire(1) as first:
+        waiter = MP.Process(target=_wait_for_two, args=(str(tmp_path),))
+        waiter.start()
+        time.sleep(0.2)
+        # The waiting TP2 reserves the free GPU: a TP1 may not jump the queue.
+        with pytest.raises(TimeoutError):
+            leaser.acquire(1, timeout_s=0.1)
+        os.kill(waiter.pid, signal.SIGKILL)
+        waiter.join()
+        with leaser.acquire(1, timeout_s=1) as second:
+            assert {first.indices, second.indices} == {(0,), (1,)}
+
