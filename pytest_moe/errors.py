@@ -33,7 +33,7 @@ import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterator
 
 from pytest_moe.datafiles import load_yaml
 
@@ -71,9 +71,15 @@ _LINE_PREFIX = re.compile(
     r"(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \[[^\]]*\]\s*"
     r"|\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[^\]]*\]\s*)?"
 )
-# Fallback message tiers: a Python exception line, else any line saying error/failed/fatal.
+# Fallback message tiers: a Python exception line, else a line saying error/failed/fatal. The
+# needles find candidate lines with str.rfind (fast); the regex then confirms the candidate.
+_EXCEPTION_NEEDLES = ("Error", "Exception", "Interrupt")
 _EXCEPTION_LINE = re.compile(r"\w(?:Error|Exception|Interrupt)\b")
+_ERRORISH_NEEDLES = ("error", "Error", "ERROR", "failed", "Failed", "FAILED", "fatal", "Fatal", "FATAL")
 _ERRORISH_LINE = re.compile(r"(?i)\b(?:error|failed|fatal)\b")
+# A regex must start with a literal character (not a metacharacter, not \\b-like escapes, and not
+# made optional by a quantifier): see _check_fast.
+_LITERAL_START = re.compile(r"(?:[^\\^$.|?*+()\[{]|\\[^\w])(?![?*{])")
 
 
 class ErrorPatternsError(ValueError):
@@ -116,6 +122,32 @@ class Rules:
     def of_type(self, error_type: str) -> tuple[Pattern, ...]:
         """The patterns of one type, in file order."""
         return tuple(p for p in self.patterns if p.error_type == error_type)
+
+
+def _check_fast(regex: str) -> str | None:
+    """Why ``regex`` would be slow on a 4 MiB log, or None.
+
+    CPython's ``re`` only searches quickly (a substring scan for the literal prefix, ~1 ms per
+    4 MiB) when the pattern starts with a literal and does not alternate at top level; a leading
+    ``\\b``, ``^``, ``(?i)``, group or class makes it try every offset, about 80 times slower.
+    """
+    if not _LITERAL_START.match(regex):
+        return "must start with a literal character (not \\b, ^, (?i), a group or a class)"
+    depth, i = 0, 0
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":
+            i += 1
+        elif c == "[":  # skip a character class, where | and ( are literal
+            i = regex.index("]", i + 2 if regex.startswith("[^", i) else i + 1)
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            return "must not alternate at top level (list the alternatives instead)"
+        i += 1
+    return None
 
 
 def parse_rules(data: Any, source: str = PATTERNS_FILE) -> Rules:
@@ -166,6 +198,9 @@ def parse_rules(data: Any, source: str = PATTERNS_FILE) -> Rules:
             regexes = tuple(re.compile(r, re.MULTILINE) for r in raw_list)
         except re.error as exc:
             raise fail(where, f"invalid regex ({exc})") from None
+        for r in raw_list:
+            if slow := _check_fast(r):
+                raise fail(where, f"regex {r!r} {slow}")
         return Pattern(pid, error_type, regexes, entry["source"], entry["example"])
 
     parsed: dict[str, tuple[Pattern, ...]] = {}
@@ -225,34 +260,31 @@ def _message(line: str) -> str:
 def _fallback_message(text: str, cascade: tuple[Pattern, ...]) -> str:
     """The line most likely to explain an unrecognised failure.
 
-    Walking back from the end: the last exception line (``FooError: ...``) wins, else the last
-    line saying error/failed/fatal, else the last non-empty line. Cascade lines are skipped while
-    anything else is left, because "EngineDeadError ... see above" explains nothing. Only lines
-    that could be chosen are tested against the cascade, which keeps a 4 MiB walk cheap.
+    The last exception line (``FooError: ...``) wins, else the last line saying error/failed/fatal,
+    else the last non-empty line. Cascade lines are skipped while anything else is left, because
+    "EngineDeadError ... see above" explains nothing.
     """
 
-    def is_cascade(line: str) -> bool:
-        return any(rx.search(line) for p in cascade for rx in p.regexes)
+    def useful(line: str) -> bool:
+        return not any(rx.search(line) for p in cascade for rx in p.regexes)
 
-    errorish = last_line = last_cascade = None
-    end = len(text)
-    while end > 0:
-        start = text.rfind("\n", 0, end) + 1
-        line = text[start:end].strip()
-        end = start - 1
-        if not line:
-            continue
-        exception = _EXCEPTION_LINE.search(line) is not None
-        wanted = exception or (errorish is None and _ERRORISH_LINE.search(line)) or last_line is None
-        if not wanted:
-            continue
-        if is_cascade(line):
-            last_cascade = last_cascade or line
-            continue
-        if exception:
-            return _message(line)
-        if errorish is None and _ERRORISH_LINE.search(line):
-            errorish = line
-        last_line = last_line or line
-    chosen = errorish or last_line or last_cascade
+    for needles, confirm in ((_EXCEPTION_NEEDLES, _EXCEPTION_LINE), (_ERRORISH_NEEDLES, _ERRORISH_LINE)):
+        for line in _lines_with(text, needles):
+            if confirm.search(line) and useful(line):
+                return _message(line)
+    lines = [line for line in text.splitlines()[-200:] if line.strip()]  # the tail is enough here
+    chosen = next((line for line in reversed(lines) if useful(line)), lines[-1] if lines else None)
     return _message(chosen) if chosen else "(empty log)"
+
+
+def _lines_with(text: str, needles: tuple[str, ...]) -> Iterator[str]:
+    """Lines of ``text`` containing any of ``needles``, last line first.
+
+    Each needle's previous occurrence is found with ``str.rfind`` and remembered, so the whole walk
+    scans the text once per needle however many candidate lines it rejects.
+    """
+    found = {n: text.rfind(n) for n in needles}
+    while (hit := max(found.values())) >= 0:
+        start = text.rfind("\n", 0, hit) + 1
+        yield _line_at(text, hit)
+        found = {n: (text.rfind(n, 0, start) if pos >= start else pos) for n, pos in found.items()}

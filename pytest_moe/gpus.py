@@ -475,13 +475,12 @@ class GpuLeaser:
             state["next_ticket"] = ticket + 1
             waiter_fd = _open_lock(self._waiter_path(ticket))
             _try_lock(waiter_fd)  # a fresh ticket's file: nobody else holds it
-            state["waiters"].append(
-                {"ticket": ticket, "count": count, "pool": pool, "pid": os.getpid(), "config": config_id}
-            )
+            entry = {"ticket": ticket, "count": count, "pool": pool, "pid": os.getpid(), "config": config_id}
+            state["waiters"].append(entry)
             self._write_state(state)
         try:
             while True:
-                fds = self._try_take(ticket, count)
+                fds = self._try_take(entry)
                 if fds is not None:
                     gpus = [g for g in self.gpus if g.index in fds]
                     return GpuLease(self, ticket, gpus, [fds[g.index] for g in gpus], config_id,
@@ -503,11 +502,14 @@ class GpuLeaser:
             self._waiter_path(ticket).unlink(missing_ok=True)
             _unlock(waiter_fd)
 
-    def _try_take(self, ticket: int, count: int) -> dict[int, int] | None:
+    def _try_take(self, entry: dict[str, Any]) -> dict[int, int] | None:
         """One scheduling round under the arbiter: this waiter's GPU -> lock fd, or None to wait."""
+        ticket = entry["ticket"]
         with self._arbiter():
             state = self._read_state()
             self._drop_dead_waiters(state, ticket)
+            if all(w["ticket"] != ticket for w in state["waiters"]):
+                state["waiters"].append(entry)  # the state file was lost or reset under us
             waiters = sorted(state["waiters"], key=lambda w: (-w["count"], w["ticket"]))
             probe = {i for w in waiters for i in w["pool"]}
             held: dict[int, int] = {}
@@ -537,8 +539,7 @@ class GpuLeaser:
             if mine is None:
                 self._write_state(state)
                 return None
-            me = next(w for w in state["waiters"] if w["ticket"] == ticket)
-            self._record_take(state, ticket, mine, me["config"])
+            self._record_take(state, ticket, mine, entry["config"])
             return {i: held[i] for i in mine}
 
     def _record_take(self, state: dict[str, Any], ticket: int, indices: list[int], config_id: str) -> None:

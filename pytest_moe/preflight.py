@@ -94,7 +94,7 @@ class Rule:
     engines: frozenset[str]
     prevents: str
     needs_gpu: bool
-    seed_error: str
+    seed_errors: tuple[str, ...]
     message: str
 
 
@@ -303,7 +303,8 @@ def rules() -> tuple[Rule, ...]:
         if raw["prevents"] not in ERROR_TYPES:
             raise ValueError(f"data/{RULES_FILE}: rule '{raw['id']}' prevents unknown error type '{raw['prevents']}'.")
         loaded.append(Rule(raw["id"], _CHECKS[raw["check"]], frozenset(raw["engines"]),
-                           raw["prevents"], bool(raw["needs_gpu"]), raw["seed_error"].strip(),
+                           raw["prevents"], bool(raw["needs_gpu"]),
+                           tuple(" ".join(e.split()) for e in raw["seed_errors"]),
                            " ".join(raw["message"].split())))
     return tuple(loaded)
 

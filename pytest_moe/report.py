@@ -45,9 +45,10 @@ def redact(text: str) -> str:
     return _URL_CREDENTIALS.sub(r"\1***@", text)
 
 
-def shell_line(argv: Iterable[str]) -> str:
-    """A copy-pasteable, redacted rendering of an argument list."""
-    return redact(shlex.join(list(argv)))
+def shell_line(argv: Iterable[str], env: dict[str, str] | None = None) -> str:
+    """A copy-pasteable, redacted rendering of an argument list and the variables it needs."""
+    prefix = ["env", *(f"{k}={v}" for k, v in sorted(env.items()))] if env else []
+    return redact(shlex.join(prefix + list(argv)))
 
 
 def repro_command(config_id: str, matrix_path: str, test_path: str = "test/nightly") -> str:
@@ -89,9 +90,10 @@ def failure_table(entries: Iterable[dict[str, Any]]) -> str:
     for entry in entries:
         message = _cell(entry.get("error_message")).replace("|", "\\|").replace("\n", " ")[:200]
         lines.append(f"| {entry['model']}::{entry['config']} | {entry.get('error_type', '-')} | {entry.get('status', 'failed')} | {message} |")
-    repros = [f"- `{entry['repro_command']}`" for entry in entries if entry.get("repro_command")]
-    if repros:
-        lines += ["", "Reproduce one config:", "", *repros]
+    lines += ["", "Reproduce one config (then the raw server command):", ""]
+    for entry in entries:
+        lines.append(f"- {entry['model']}::{entry['config']}: `{entry.get('repro_command')}`")
+        lines.append(f"  - server: `{entry.get('server_command') or '(not started)'}`")
     return "\n".join(lines)
 
 

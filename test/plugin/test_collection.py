@@ -1,0 +1,120 @@
+"""Plugin behaviour through pytester: collection, markers, -k, --moe-config, GPU skips, usage errors."""
+
+import json
+
+import pytest
+
+MATRIX = """\
+defaults: {engine: sglang, moe_backends: [auto]}
+rules:
+  - {id: tp8-ep2, when: {tp: [8]}, then: {ep: 2}}
+  - {id: fp8, when: {precision: [fp8]}, then: {quantization: fp8}}
+models:
+  Big:
+    path: org/big
+    precision: fp8
+    tp: [4, 8]
+  Small:
+    path: org/small
+    tp: [1, 2]
+    moe_backends: [auto, triton]
+"""
+
+TEST_FILE = """\
+def test_benchmark(moe_config):
+    print("RAN", moe_config.id)
+"""
+
+
+@pytest.fixture
+def suite(pytester, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    pytester.makefile(".yaml", model_matrix=MATRIX)
+    pytester.makepyfile(test_nightly=TEST_FILE)
+    return pytester
+
+
+def _ids(result):
+    return sorted(line.split("RAN ")[1].strip() for line in result.outlines if "RAN " in line)
+
+
+def test_one_test_per_config_with_seed_ids(suite):
+    result = suite.runpytest("-s", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=6)
+    assert set(_ids(result)) == {"Big::TP4_auto", "Big::TP8_EP2_auto", "Small::TP1_auto", "Small::TP1_triton",
+                                 "Small::TP2_auto", "Small::TP2_triton"}
+
+
+@pytest.mark.parametrize(
+    "expr, expected",
+    [
+        ("tp8", {"Big::TP8_EP2_auto"}),
+        ("gpus2", {"Small::TP2_auto", "Small::TP2_triton"}),
+        ("fp8 and tp4", {"Big::TP4_auto"}),
+        ("native and not tp2", {"Small::TP1_auto", "Small::TP1_triton"}),
+        ("sglang and tp1", {"Small::TP1_auto", "Small::TP1_triton"}),
+    ],
+)
+def test_markers_select_under_strict_markers(suite, expr, expected):
+    result = suite.runpytest("-s", "--strict-markers", "-m", expr)
+    assert set(_ids(result)) == expected
+    assert result.ret == 0
+
+
+def test_k_selects_by_config_id(suite):
+    result = suite.runpytest("-s", "-k", "Small::TP2_triton")
+    assert _ids(result) == ["Small::TP2_triton"]
+
+
+def test_moe_config_selects_exactly_and_unknown_id_is_a_usage_error(suite):
+    result = suite.runpytest("-s", "--moe-config", "Small::TP1_auto")
+    assert _ids(result) == ["Small::TP1_auto"]
+    bad = suite.runpytest("--moe-config", "Small::TP3_auto")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["ERROR: --moe-config 'Small::TP3_auto' is not a config of *model_matrix.yaml*"])
+
+
+def test_configs_needing_more_gpus_than_found_are_skipped_with_needed_vs_found(suite, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    result = suite.runpytest("-rs")
+    result.assert_outcomes(passed=4, skipped=2)
+    result.stdout.fnmatch_lines(["*Big::TP8_EP2_auto needs 8 GPUs, found 2 (CUDA_VISIBLE_DEVICES='0,1')*"])
+
+
+def test_largest_configs_run_first(suite):
+    result = suite.runpytest("-s", "-v")
+    order = [line.split("RAN ")[1].strip() for line in result.outlines if "RAN " in line]
+    assert order[0] == "Big::TP8_EP2_auto" and order[1] == "Big::TP4_auto"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (("tp: [4, 8]", "tp: [4, 6]"), "ERROR: *model_matrix.yaml:9: models.Big.tp[[]1[]]: TP 6 is not a positive power of two*"),
+        (("    precision: fp8", "    precison: fp8"), "ERROR: *model_matrix.yaml:8: models.Big.precison: unknown key 'precison' (allowed: *"),
+        (("engine: sglang", "engine: tgi"), "ERROR: *model_matrix.yaml:1: defaults.engine: unknown engine 'tgi' (allowed: sglang, vllm, vllm-cpu)*"),
+        (("moe_backends: [auto, triton]", "moe_backends: [auto, fast]"), "ERROR: *unknown MoE backend 'fast' for engine sglang*"),
+    ],
+    ids=["tp", "unknown-key", "engine", "backend"],
+)
+def test_invalid_matrix_stops_pytest_with_exit_4_and_one_sentence(suite, edit, message):
+    suite.makefile(".yaml", model_matrix=MATRIX.replace(*edit))
+    result = suite.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+def test_moe_matrix_option_names_another_file(suite):
+    suite.makefile(".yaml", other=MATRIX.replace("Small:", "Tiny:"))
+    result = suite.runpytest("-s", "--moe-matrix", "other.yaml", "-m", "tp1")
+    assert _ids(result) == ["Tiny::TP1_auto", "Tiny::TP1_triton"]
+
+
+def test_list_command_prints_every_config_with_markers_gpus_and_command(suite):
+    result = suite.run("python", "-m", "pytest_moe", "list", "--moe-matrix", "model_matrix.yaml")
+    lines = result.outlines
+    assert len(lines) == 6
+    big8 = next(line for line in lines if line.startswith("Big::TP8_EP2_auto\t"))
+    assert "tp8,gpus8,fp8,sglang\tgpus=8\t" in big8
+    assert "-m sglang.launch_server --model-path org/big" in big8 and "--tp 8 --ep 2 --quantization fp8" in big8

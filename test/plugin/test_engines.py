@@ -1,0 +1,77 @@
+"""Every command the matrices generate must parse in the engine's *real* argument parser.
+
+SGLang's parser (``prepare_server_args``) and vLLM's (``make_arg_parser``, behind ``vllm serve``) both
+run on CPU; scripts/setup.sh installs them (SGLang with --no-deps, see docs/engines.md).
+"""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pytest_moe.engines import CommandRejected, get_engine
+from pytest_moe.engines.vllm import cpu_bind_groups
+from pytest_moe.matrix import load_matrix
+
+ROOT = Path(__file__).resolve().parents[2]
+SEED = load_matrix(ROOT / "model_matrix.yaml")
+SMOKE = load_matrix(ROOT / "test/nightly/smoke_matrix.yaml")
+
+
+def _argv(cfg, engine=None, profile_dir=None):
+    engine = engine or get_engine(cfg.engine)
+    return engine.command(cfg, "/models/x", host="127.0.0.1", port=30000, served_name="served", profile_dir=profile_dir)
+
+
+@pytest.mark.parametrize("cfg", SEED.configs, ids=[c.id for c in SEED.configs])
+def test_every_seed_matrix_command_parses_in_sglang(cfg):
+    get_engine("sglang").check_command(_argv(cfg))
+
+
+@pytest.mark.parametrize("cfg", SEED.configs, ids=[c.id for c in SEED.configs])
+def test_the_seed_matrix_rendered_for_vllm_parses_in_vllm(cfg):
+    """The same cells on GPU vLLM: EP becomes --enable-expert-parallel, the backend --moe-backend."""
+    vllm_args = tuple(a for a in cfg.args if a not in ("--mem-fraction-static", "0.8"))  # SGLang-only flag
+    cfg = replace(cfg, engine="vllm", ep=cfg.tp if cfg.ep > 1 else 1, args=vllm_args)
+    argv = _argv(cfg)
+    get_engine("vllm").check_command(argv)
+    assert ("--enable-expert-parallel" in argv) == (cfg.tp == 8)
+
+
+@pytest.mark.parametrize("cfg", SMOKE.configs, ids=[c.id for c in SMOKE.configs])
+def test_every_smoke_command_parses_in_vllm(cfg, tmp_path):
+    get_engine("vllm-cpu").check_command(_argv(cfg, profile_dir=tmp_path))
+
+
+@pytest.mark.parametrize(
+    "engine, bad, message",
+    [
+        ("sglang", ("--quantization", "fp9"), "argument --quantization: invalid choice: 'fp9'"),
+        ("sglang", ("--moe-runner-backend", "warp"), "argument --moe-runner-backend: invalid choice: 'warp'"),
+        ("sglang", ("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
+        ("vllm-cpu", ("--moe-backend", "warp"), "argument --moe-backend: invalid choice: 'warp'"),
+    ],
+)
+def test_the_check_rejects_what_the_engine_rejects(engine, bad, message):
+    cfg = replace(SEED.configs[0], engine=engine, args=bad, quantization=None, moe_backend="auto", ep=1)
+    with pytest.raises(CommandRejected, match=message):
+        get_engine(engine).check_command(_argv(cfg))
+
+
+def test_commands_are_argument_lists_with_host_port_and_served_name():
+    cfg = SEED.by_id()["Qwen3-235B::TP8_EP2_auto"]
+    argv = _argv(cfg)
+    assert argv[1:3] == ["-m", "sglang.launch_server"]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "30000"
+    assert argv[argv.index("--served-model-name") + 1] == "served"
+    assert "--moe-runner-backend" not in argv  # auto is SGLang's default: no flag (seed 000)
+
+
+@pytest.mark.parametrize("cpus, ranks, expected", [([0, 1], 2, "0|1"), (list(range(8)), 2, "0-3|4-7"), ([0, 1, 2, 3], 4, "0|1|2|3")])
+def test_cpu_bind_groups(cpus, ranks, expected):
+    assert cpu_bind_groups(cpus, ranks) == expected
+
+
+def test_cpu_bind_groups_needs_a_core_per_rank():
+    with pytest.raises(ValueError, match="needs at least 4 CPU cores, found 2"):
+        cpu_bind_groups([0, 1], 4)

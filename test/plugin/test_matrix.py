@@ -1,0 +1,103 @@
+"""Matrix loading: the seeds' configs come out, the rules apply once, bad files get one clear sentence."""
+
+from pathlib import Path
+
+import pytest
+
+from pytest_moe.matrix import MatrixError, load_matrix
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MINIMAL = """\
+defaults:
+  engine: sglang
+models:
+  M:
+    path: org/m
+    tp: [1, 8]
+"""
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "matrix.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_seed_matrix_has_every_seed_model_and_the_seed_ids():
+    matrix = load_matrix(ROOT / "model_matrix.yaml")
+    by_id = matrix.by_id()
+    models = {cfg.model for cfg in matrix.configs}
+    assert models == {"DeepSeek-V3", "DeepSeek-V3.1", "Qwen3-235B", "Qwen3-Coder-480B", "MiniMax-M2", "Kimi-K2-Thinking", "GLM-4.6"}
+    assert "Qwen3-235B::TP8_EP2_auto" in by_id and "DeepSeek-V3.1::TP4_auto" in by_id
+    # Rules: TP8 gets EP2; FP8 models get --quantization fp8; native ones none; Qwen235B TP4 gets mem fraction.
+    assert all(cfg.ep == (2 if cfg.tp == 8 else 1) for cfg in matrix.configs)
+    assert all((cfg.quantization == "fp8") == (cfg.precision == "fp8") for cfg in matrix.configs)
+    assert by_id["Kimi-K2-Thinking::TP1_auto"].quantization is None
+    assert "--mem-fraction-static" in by_id["Qwen3-235B::TP4_auto"].args
+    assert "--mem-fraction-static" not in by_id["Qwen3-235B::TP8_EP2_auto"].args
+    assert "--mem-fraction-static" not in by_id["Qwen3-Coder-480B::TP4_auto"].args
+    assert by_id["DeepSeek-V3::TP4_flashinfer_trtllm"].moe_backend == "flashinfer_trtllm"
+    assert [cfg.name for cfg in matrix.configs if cfg.model == "GLM-4.6"] == ["TP8_EP2_auto", "TP8_EP2_triton"]
+    assert all(cfg.timeout_s == 2000 for cfg in matrix.configs)
+    assert by_id["GLM-4.6::TP8_EP2_auto"].markers == ["tp8", "gpus8", "native", "sglang"]
+
+
+def test_smoke_matrix_has_two_architectures_tp1_tp2_and_the_crashing_ep_config():
+    matrix = load_matrix(ROOT / "test/nightly/smoke_matrix.yaml")
+    ids = set(matrix.by_id())
+    assert {"tiny-qwen3-moe::TP1_auto", "tiny-qwen3-moe::TP2_auto", "tiny-mixtral::TP1_auto", "tiny-mixtral::TP2_auto"} <= ids
+    crash = matrix.by_id()["tiny-qwen3-moe::TP2_EP2_auto"]
+    assert crash.known_failure.error_type == "Crash"
+    assert all(cfg.gpus_needed == 0 for cfg in matrix.configs)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (MINIMAL.replace("tp: [1, 8]", "tp: [1, 6]"), r"matrix.yaml:6: models.M.tp\[1\]: TP 6 is not a positive power of two"),
+        (MINIMAL.replace("tp: [1, 8]", "tp: [0]"), r"TP 0 is not a positive power of two"),
+        (MINIMAL.replace("    tp: [1, 8]", "    tp: [1, 8]\n    colour: red"),
+         r"matrix.yaml:7: models.M.colour: unknown key 'colour' \(allowed: path, engine, precision, tp,"),
+        (MINIMAL.replace("engine: sglang", "engine: trtllm"), r"matrix.yaml:2: defaults.engine: unknown engine 'trtllm' \(allowed: sglang, vllm, vllm-cpu\)"),
+        (MINIMAL.replace("    tp: [1, 8]", "    tp: [4]\n    configs: [{tp: 4, ep: 3}]"), r"EP 3 does not divide TP 4"),
+        (MINIMAL.replace("    tp: [1, 8]", "    tp: [2]\n    moe_backends: [warp9]"), r"matrix.yaml:7: models.M.moe_backends\[0\]: unknown MoE backend 'warp9' for engine sglang \(allowed: auto,"),
+        (MINIMAL.replace("path: org/m", "path: org/m\n    path: org/n"), r"matrix.yaml:6: models.M.path: key appears twice"),
+        ("models: [1, 2", r"matrix.yaml:1: not valid YAML"),
+        ("defaults: {}\n", r"matrix.yaml:?\d*: models: required key is missing"),
+        (MINIMAL.replace("engine: sglang", "engine: vllm").replace("    tp: [1, 8]", "    configs: [{tp: 4, ep: 2}]"),
+         r"engine vllm takes expert parallelism as a switch \(EP size = TP\), so EP must be 1 or 4, not 2"),
+        (MINIMAL + "    known_failures: {TP2_auto: {error_type: Crash, reason: r}}\n", r"known_failures names 'TP2_auto', which is not a config of M"),
+        (MINIMAL + "    known_failures: {TP1_auto: {error_type: Melted, reason: r}}\n", r"unknown error_type 'Melted' \(allowed: OOM, Timeout,"),
+    ],
+    ids=["tp-not-power-of-two", "tp-zero", "unknown-key", "unknown-engine", "ep-not-dividing-tp", "unknown-backend",
+         "duplicate-key", "bad-yaml", "missing-models", "vllm-ep-switch", "known-failure-unknown-config",
+         "known-failure-unknown-type"],
+)
+def test_bad_matrix_gives_one_sentence_with_file_line_and_key(tmp_path, text, expected):
+    with pytest.raises(MatrixError, match=expected) as info:
+        load_matrix(_write(tmp_path, text))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(MatrixError, match=r"cannot read matrix file .*nope.yaml"):
+        load_matrix(tmp_path / "nope.yaml")
+
+
+def test_explicit_configs_override_rules_and_model_fields_win_over_defaults(tmp_path):
+    text = """\
+defaults: {engine: sglang, timeout_s: 100, args: [--a]}
+rules:
+  - {id: r, when: {tp: [8]}, then: {ep: 2, args: [--r], timeout_s: 50}}
+models:
+  M:
+    path: org/m
+    tp: [8]
+    timeout_s: 10
+    configs: [{tp: 8, ep: 4, moe_backend: triton, args: [--x]}]
+"""
+    cfgs = load_matrix(_write(tmp_path, text)).by_id()
+    assert cfgs["M::TP8_EP2_auto"].args == ("--a", "--r")
+    assert cfgs["M::TP8_EP2_auto"].timeout_s == 10
+    assert cfgs["M::TP8_EP4_triton"].args == ("--a", "--r", "--x")
