@@ -25,6 +25,9 @@ from pytest_moe.matrix import BenchSpec
 
 #: Token ids are drawn from this range: valid in every vocabulary we serve, tiny test models included.
 _TOKEN_RANGE = (10, 500)
+#: Decode steps captured in the decode trace: a handful shows the step's kernels; tracing all 512 steps
+#: only makes multi-hundred-MB traces (and takes minutes on CPU TP2).
+PROFILE_DECODE_STEPS = 16
 #: Trace files engines write (torch profiler, gzipped or not).
 _TRACE_GLOBS = ("*.json.gz", "*.json", "*.pt.trace.json*", "*.txt")
 
@@ -119,13 +122,13 @@ def profile_stages(engine: Engine, base_url: str, served_name: str, bench: Bench
                    launch_dir: Path | None, out_dir: Path, seed: int = 1) -> dict[str, str]:
     """Save an extend (prefill) trace and a decode trace; returns {stage: directory}.
 
-    Extend: one request with ``max_tokens=1``. Decode: the same prompt again with ``output_len`` tokens — its
-    prefill hits the prefix cache, so the trace is dominated by decode steps.  Engines that write traces
+    Extend: one request with ``max_tokens=1``. Decode: the same prompt again with ``PROFILE_DECODE_STEPS`` tokens —
+    its prefill hits the prefix cache, so the trace is dominated by decode steps.  Engines that write traces
     where they were told at launch (vLLM) get their new files moved into the stage directory.
     """
     prompts = random_prompts(bench, random.Random(seed))
     saved: dict[str, str] = {}
-    for stage, max_tokens in (("extend", 1), ("decode", bench.output_len)):
+    for stage, max_tokens in (("extend", 1), ("decode", min(PROFILE_DECODE_STEPS, bench.output_len))):
         stage_dir = out_dir / stage
         stage_dir.mkdir(parents=True, exist_ok=True)
         source = launch_dir or stage_dir

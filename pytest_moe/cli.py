@@ -1,44 +1,58 @@
-"""``python -m pytest_moe ...``: look at the matrix and at logs without running pytest.
+"""``python -m pytest_moe ...``: look at the matrix, a model, a plan or a log without running pytest.
 
-Sub-commands: ``list`` (one line per config with its full server command), ``classify LOGFILE``
-(the error type of a server log, the name alone on one line) and ``tiny`` (build the CPU smoke models).
+* ``list [--moe-matrix PATH]`` — one line per config: id, markers, GPUs needed, full server command;
+* ``classify LOGFILE`` — the error type of a server log, the name alone on one line;
+* ``inspect PATH`` — a model's MoE description (from its config.json; never downloads) as JSON;
+* ``preflight --model PATH --tp N ...`` — the verdict for one launch as JSON; exit 0 ok, 1 failure predicted;
+* ``plan --model PATH --gpu H200 --gpus 8`` — every TP/EP/quantization/backend combination and its verdict;
+* ``tiny`` — build the tiny checkpoints of the CPU smoke matrix.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
-from pytest_moe.engines import get_engine
+from pytest_moe.engines import engine_names
 from pytest_moe.errors import classify_file
-from pytest_moe.matrix import TINY_PREFIX, MatrixError, load_matrix
-from pytest_moe.report import shell_line
-from pytest_moe.runner import resolve_model_path
+from pytest_moe.matrix import MatrixError, load_matrix
+from pytest_moe.models import ModelInspectionError, inspect_model
+from pytest_moe.preflight import LaunchPlan, check, gpu_spec, plan_table, render_plan, verdict
+from pytest_moe.runner import display_command
 from pytest_moe.tiny import ensure_tiny_model, tiny_model_specs
-
-#: Port shown in ``list`` output (SGLang's default); a test run picks a free one.
-LIST_PORT = 30000
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    matrix = load_matrix(args.moe_matrix)
-    for cfg in matrix.configs:
-        engine = get_engine(cfg.engine)
-        argv = engine.command(
-            cfg, resolve_model_path(cfg.model_path, build=False), host=cfg.host, port=LIST_PORT,
-            served_name=cfg.model_path.removeprefix(TINY_PREFIX), profile_dir=None,
-        )
-        line = shell_line(argv, engine.environment(cfg, None))
-        print(f"{cfg.id}\t{','.join(cfg.markers)}\tgpus={cfg.gpus_needed}\t{line}")
+    for cfg in load_matrix(args.moe_matrix).configs:
+        print(f"{cfg.id}\t{','.join(cfg.markers)}\tgpus={cfg.gpus_needed}\t{display_command(cfg)}")
     return 0
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    try:
-        print(classify_file(args.logfile).error_type)
-    except OSError as exc:
-        raise SystemExit(f"pytest_moe classify: cannot read {args.logfile}: {exc.strerror or exc}") from None
+    print(classify_file(args.logfile).error_type)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    print(json.dumps(inspect_model(args.path).to_dict(), indent=2))
+    return 0
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    plan = LaunchPlan(
+        engine=args.engine, tp=args.tp, ep=args.ep, quantization=args.quantization, moe_backend=args.backend,
+        trust_remote_code=args.trust_remote_code, mem_fraction=args.mem_fraction,
+    )
+    gpu = gpu_spec(args.gpu, args.gpus or args.tp) if args.gpu else None
+    result = verdict(check(inspect_model(args.model), plan, gpu))
+    print(json.dumps(result, indent=2))
+    return 0 if result["ok"] else 1
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    print(render_plan(plan_table(inspect_model(args.model), gpu_spec(args.gpu, args.gpus), engine=args.engine)))
     return 0
 
 
@@ -49,16 +63,43 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pytest_moe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pytest_moe", description="pytest-moe command line")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_list = sub.add_parser("list", help="print the matrix: id, markers, GPUs needed, server command")
-    p_list.add_argument("--moe-matrix", default="model_matrix.yaml", metavar="PATH")
-    p_list.set_defaults(func=cmd_list)
-    p_cls = sub.add_parser("classify", help="print the error type of a server log")
-    p_cls.add_argument("logfile")
-    p_cls.set_defaults(func=cmd_classify)
-    p_tiny = sub.add_parser("tiny", help="build the tiny random-weight MoE checkpoints of the CPU smoke matrix")
-    p_tiny.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("list", help="print the matrix: id, markers, GPUs needed, server command")
+    p.add_argument("--moe-matrix", default="model_matrix.yaml", metavar="PATH")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("classify", help="print the error type of a server log")
+    p.add_argument("logfile")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("inspect", help="print a model's MoE description as JSON")
+    p.add_argument("path", help="model directory, config.json, HF cache dir, or org/name already in the HF cache")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("preflight", help="predict whether one launch can work (exit 1 when it cannot)")
+    p.add_argument("--model", required=True, metavar="PATH")
+    p.add_argument("--tp", type=int, required=True)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--quantization", default=None)
+    p.add_argument("--backend", default=None, help="MoE backend (default: the engine's auto)")
+    p.add_argument("--engine", default="sglang", choices=engine_names())
+    p.add_argument("--gpu", default=None, help="GPU name, e.g. H200 (default: skip GPU-dependent rules)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs on the host (default: TP)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--mem-fraction", type=float, default=None)
+    p.set_defaults(func=cmd_preflight)
+
+    p = sub.add_parser("plan", help="which TP/EP/quantization/backend combinations pass preflight")
+    p.add_argument("--model", required=True, metavar="PATH")
+    p.add_argument("--gpu", required=True, help="GPU name, e.g. H200")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--engine", default="sglang", choices=engine_names())
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("tiny", help="build the tiny random-weight MoE checkpoints of the CPU smoke matrix")
+    p.set_defaults(func=cmd_tiny)
     return parser
 
 
@@ -66,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except MatrixError as exc:
+    except (MatrixError, ModelInspectionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2

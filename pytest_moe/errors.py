@@ -229,8 +229,8 @@ def classify(text: str) -> Classification:
     return Classification(FALLBACK_TYPE, _fallback_message(text, rules.cascade), None)
 
 
-def classify_file(path: str | os.PathLike[str]) -> Classification:
-    """Classify a server log file from its last ``TAIL_BYTES`` (undecodable bytes are replaced).
+def read_log_tail(path: str | os.PathLike[str]) -> str:
+    """The last ``TAIL_BYTES`` of a log as text (undecodable bytes replaced, partial first line dropped).
 
     Raises ``OSError`` if the file cannot be read: a missing log is the caller's fact to report.
     """
@@ -241,7 +241,12 @@ def classify_file(path: str | os.PathLike[str]) -> Classification:
         data = f.read()
     if start:  # we began mid-line (maybe mid-character): drop that partial line
         data = data[data.find(b"\n") + 1 :]
-    return classify(data.decode("utf-8", errors="replace"))
+    return data.decode("utf-8", errors="replace")
+
+
+def classify_file(path: str | os.PathLike[str]) -> Classification:
+    """Classify a server log file from its last ``TAIL_BYTES``."""
+    return classify(read_log_tail(path))
 
 
 def _line_at(text: str, pos: int) -> str:

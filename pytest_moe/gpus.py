@@ -394,6 +394,7 @@ class GpuLeaser:
         *,
         gpu_indices: Iterable[int] | None = None,
         poll_s: float = 0.05,
+        recheck_s: float = 1.0,
         log_path: Path | str | None = None,
     ) -> None:
         self.lock_dir = Path(lock_dir) if lock_dir is not None else default_lease_dir()
@@ -402,6 +403,9 @@ class GpuLeaser:
             gpus = [GpuInfo(i, "declared", None, None, None) for i in gpu_indices]
         self.gpus: tuple[GpuInfo, ...] = tuple(gpus if gpus is not None else discover_gpus())
         self.poll_s = poll_s
+        # A crash writes nothing, so a full round runs at least this often even when state.json
+        # has not changed: it bounds how late a dead holder's or waiter's GPUs are noticed.
+        self.recheck_s = recheck_s
         self.log_path = Path(log_path) if log_path is not None else self.lock_dir / "leases.jsonl"
         self._state_path = self.lock_dir / "state.json"
 
@@ -479,12 +483,17 @@ class GpuLeaser:
             state["waiters"].append(entry)
             self._write_state(state)
         try:
+            mark, last_round = None, -float("inf")
             while True:
-                fds = self._try_take(entry)
-                if fds is not None:
-                    gpus = [g for g in self.gpus if g.index in fds]
-                    return GpuLease(self, ticket, gpus, [fds[g.index] for g in gpus], config_id,
-                                    time.monotonic() - start)
+                # Polls are a stat() until state.json changes: 8 waiters stay off the CPU the
+                # configs need, and still react within poll_s.
+                if self._state_mark() != mark or time.monotonic() - last_round >= self.recheck_s:
+                    fds, mark = self._try_take(entry)
+                    last_round = time.monotonic()
+                    if fds is not None:
+                        gpus = [g for g in self.gpus if g.index in fds]
+                        return GpuLease(self, ticket, gpus, [fds[g.index] for g in gpus], config_id,
+                                        time.monotonic() - start)
                 if timeout_s is not None and time.monotonic() - start >= timeout_s:
                     raise TimeoutError(
                         f"{config_id or 'a config'} waited {timeout_s:g} s for {count} of GPUs "
@@ -502,11 +511,20 @@ class GpuLeaser:
             self._waiter_path(ticket).unlink(missing_ok=True)
             _unlock(waiter_fd)
 
-    def _try_take(self, entry: dict[str, Any]) -> dict[int, int] | None:
-        """One scheduling round under the arbiter: this waiter's GPU -> lock fd, or None to wait."""
+    def _state_mark(self) -> tuple[int, int, int] | None:
+        """Changes whenever state.json is rewritten (os.replace gives it a new inode)."""
+        try:
+            st = os.stat(self._state_path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _try_take(self, entry: dict[str, Any]) -> tuple[dict[int, int] | None, tuple[int, int, int] | None]:
+        """One scheduling round under the arbiter: this waiter's GPU -> lock fd (None: wait), and the state's mark."""
         ticket = entry["ticket"]
         with self._arbiter():
             state = self._read_state()
+            queued = list(state["waiters"])
             self._drop_dead_waiters(state, ticket)
             if all(w["ticket"] != ticket for w in state["waiters"]):
                 state["waiters"].append(entry)  # the state file was lost or reset under us
@@ -537,10 +555,11 @@ class GpuLeaser:
                 if mine is None or i not in mine:
                     _unlock(fd)
             if mine is None:
-                self._write_state(state)
-                return None
+                if state["waiters"] != queued:
+                    self._write_state(state)
+                return None, self._state_mark()
             self._record_take(state, ticket, mine, entry["config"])
-            return {i: held[i] for i in mine}
+            return {i: held[i] for i in mine}, None
 
     def _record_take(self, state: dict[str, Any], ticket: int, indices: list[int], config_id: str) -> None:
         holders: dict[str, Any] = state["holders"]

@@ -24,11 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pytest_moe.engines import engine_names, get_engine
 from pytest_moe.errors import ERROR_TYPES
 
-#: Matrix fields are engine-neutral; each engine adapter renders them into its own flags.
-PRECISIONS = ("fp8", "native")
-#: Prefix of a model path that names a tiny checkpoint the suite builds itself (``data/tiny_models.yaml``).
-TINY_PREFIX = "tiny:"
-
 
 class MatrixError(ValueError):
     """The matrix file is malformed; the message is the one sentence shown to the user."""
@@ -100,6 +95,7 @@ class ModelEntry(_Strict):
     path: str
     engine: str | None = None
     precision: Literal["fp8", "native"] = "native"
+    quantization: str | None = None
     tp: list[int] = []
     moe_backends: list[str] | None = None
     args: list[str] = []
@@ -254,6 +250,7 @@ def _resolve(
             args += rule.then.args
             timeout = rule.then.timeout_s or timeout
     ep = explicit_ep or ep
+    quantization = entry.quantization or quantization
     if tp % ep:
         raise locate.error(where, f"EP {ep} does not divide TP {tp} for model {model} (EP must divide TP)")
     if not get_engine(engine).spec.flags["ep"].startswith("--ep") and ep not in (1, tp):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,10 @@ from pytest_moe import gpus
 from pytest_moe.matrix import Matrix, MatrixError, ServerConfig, load_matrix
 from pytest_moe.report import junit_properties, summary_markdown
 from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsStore
-from pytest_moe.runner import CellRun, RunOptions
+from pytest_moe.errors import Classification
+from pytest_moe.preflight import Problem, check_config
+from pytest_moe.runner import INTERRUPTED_TYPE, CellRun, RunOptions, crashed_worker_entry, predicted_entry
+from pytest_moe.server import kill_tree
 
 DEFAULT_MATRIX = "model_matrix.yaml"
 MARKERS = (
@@ -29,6 +33,7 @@ MARKERS = (
 
 _MATRIX = pytest.StashKey["Matrix | None"]()
 _CELL = pytest.StashKey[CellRun]()
+_PREDICTED = pytest.StashKey["list[Problem]"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,6 +50,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="minimum pause after each teardown (default: 0 after an NVML memory wait, else 5)")
     group.addoption("--moe-grace", metavar="S", type=float, default=10.0,
                     help="seconds between SIGTERM and SIGKILL at teardown (default: 10)")
+    group.addoption("--moe-no-preflight", action="store_true",
+                    help="boot configs that preflight predicts to fail (to check a rule against the engine)")
     group.addoption("--moe-progress-interval", metavar="S", type=float, default=30.0,
                     help="seconds between progress lines while a server loads (default: 30)")
 
@@ -61,6 +68,8 @@ class MoESession:
     def __init__(self, config: pytest.Config):
         self.config = config
         self.outcomes: list[dict[str, Any]] = []
+        #: Cells whose test is running in this process (at most one without xdist's threads).
+        self.active_cells: list[CellRun] = []
         self._store: ResultsStore | None = None
         self._previous_sigterm: Any = None
 
@@ -75,7 +84,7 @@ class MoESession:
         opt = self.config.option
         matrix = self.config.stash.get(_MATRIX, None)
         return RunOptions(
-            matrix_path=str(matrix.path) if matrix else DEFAULT_MATRIX,
+            matrix_path=str(matrix.path) if matrix else (opt.moe_matrix or DEFAULT_MATRIX),
             results_dir=Path(opt.moe_results_dir),
             timeout_override_s=opt.moe_server_timeout,
             profile=opt.moe_profile,
@@ -133,37 +142,97 @@ class MoESession:
             keep = [it for it in items if _config(it) is None or _config(it).id in wanted]
             config.hook.pytest_deselected(items=[it for it in items if it not in keep])
             items[:] = keep
-        found = None
+        found = gpus.discover_gpus() if any(_config(it) for it in items) else []
         for item in items:
             cfg = _config(item)
-            if cfg is not None and cfg.gpus_needed:
-                found = gpus.discover_gpus() if found is None else found
-                reason = gpus.shortfall_reason(cfg.gpus_needed, found)
-                if reason:
-                    item.add_marker(pytest.mark.skip(reason=f"{cfg.id} {reason}"))
+            if cfg is None:
+                continue
+            reason = gpus.shortfall_reason(cfg.gpus_needed, found) if cfg.gpus_needed else None
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=f"{cfg.id} {reason}"))
+                continue
+            problems = None if config.option.moe_no_preflight else check_config(cfg, found)
+            if problems:
+                item.stash[_PREDICTED] = problems
+                first = problems[0]
+                item.add_marker(pytest.mark.skip(reason=f"{cfg.id} predicted to fail ({first.prevents}) by preflight rule {first.rule_id}: {first.message}"))
         items.sort(key=lambda it: -(_config(it).gpus_needed if _config(it) else 0))
 
     # -- outcomes ----------------------------------------------------------------------------------
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]):
         report = yield
+        problems = item.stash.get(_PREDICTED, None)
+        if problems and report.when == "setup" and report.skipped:
+            entry = predicted_entry(_config(item), self.options, problems)
+            self.store.record_failure(_config(item).id, entry)
+            report.user_properties = list(report.user_properties) + [("moe_id", _config(item).id), *junit_properties(entry)]
+            return report
         cell = item.stash.get(_CELL, None)
         if cell is None or report.when == "teardown" or report.skipped or (report.when == "setup" and report.passed):
             return report
         if report.passed:
-            entry = {**cell.success_entry(), "status": "success"}
-            self.store.record_success(cell.cfg.id, entry)
+            entry = cell.record_success(self.store)
         else:
             exc = call.excinfo.value if call.excinfo else None
             classification = cell.classify_failure(exc, call.excinfo.exconly() if call.excinfo else str(report.longrepr))
-            entry = {**cell.failure_entry(classification), "status": "failed"}
-            self.store.record_failure(cell.cfg.id, entry)
+            entry = cell.record_failure(self.store, classification)
             report.sections.append(("pytest-moe", _failure_text(entry)))
         _apply_known_failure(report, cell.cfg, entry)
         props = [("moe_id", cell.cfg.id), *junit_properties(entry)]
         item.user_properties.extend(props)
         report.user_properties = list(report.user_properties) + props
         return report
+
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+        """Ctrl-C or SIGTERM: record the configs cut short before teardown stops their servers."""
+        for cell in self.active_cells:
+            if cell.recorded is None:
+                message = f"run interrupted ({excinfo.exconly()}) before {cell.cfg.id} finished"
+                self.outcomes.append(cell.record_failure(self.store, Classification(INTERRUPTED_TYPE, message, None)))
+
+    @pytest.hookimpl(optionalhook=True, tryfirst=True)
+    def pytest_timeout_set_timer(self, item: pytest.Item, settings: Any) -> bool | None:
+        """pytest-timeout's ``thread`` method ends the process with ``os._exit``: no teardown, no report.
+
+        For matrix tests we arm the same timer, but before pytest-timeout's own handler dumps the stacks
+        and exits, the config is recorded as a Timeout and its server tree is killed.
+        """
+        if settings.method != "thread" or _config(item) is None:
+            return None
+        import pytest_timeout
+
+        timer = threading.Timer(settings.timeout, self._thread_timeout, (item, settings, pytest_timeout.timeout_timer))
+        timer.name = f"pytest-moe timeout {item.nodeid}"
+        timer.daemon = True
+
+        def cancel() -> None:
+            timer.cancel()
+            timer.join()
+
+        item.cancel_timeout = cancel
+        timer.start()
+        return True
+
+    def _thread_timeout(self, item: pytest.Item, settings: Any, exit_via: Any) -> None:
+        cell = item.stash.get(_CELL, None)
+        if cell is not None:
+            if cell.recorded is None:
+                message = f"Timeout >{settings.timeout}s (pytest-timeout, thread method) in {cell.cfg.id}"
+                cell.record_failure(self.store, Classification("Timeout", message, None))
+            if cell.server is not None and cell.server.proc is not None:
+                kill_tree(cell.server.proc.pid, grace_s=0)
+        exit_via(item, settings)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport, sched: Any) -> None:
+        """xdist controller: a worker died (e.g. SIGKILL) mid-config; its janitor stopped the server."""
+        config_id = crashitem[crashitem.find("[") + 1 : crashitem.rfind("]")]
+        if "::" not in config_id:
+            return
+        entry = crashed_worker_entry(config_id, self.options, f"pytest-xdist worker crashed while running {config_id}")
+        self.store.record_failure(config_id, entry)
+        self.outcomes.append({"moe_id": config_id, **entry})
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Collect outcomes here: under xdist this runs in the controller with the workers' properties."""
@@ -196,7 +265,9 @@ def moe_cell(request: pytest.FixtureRequest, moe_config: ServerConfig):
         cell = CellRun(moe_config, session.options, gpu_indices=list(lease.indices) if lease else [],
                        progress=_progress_writer(request.config))
         request.node.stash[_CELL] = cell
+        session.active_cells.append(cell)
         yield cell
+        session.active_cells.remove(cell)
     finally:
         if lease is not None:
             lease.release()

@@ -13,20 +13,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from pytest_moe.datafiles import load_yaml
-from pytest_moe.models import ModelSpec
+from pytest_moe.errors import ERROR_TYPES
+from pytest_moe.gpus import GpuInfo
+from pytest_moe.models import ModelInspectionError, ModelSpec, inspect_model
+from pytest_moe.tiny import resolve_model_path
+
+if TYPE_CHECKING:
+    from pytest_moe.matrix import ServerConfig
 
 RULES_FILE = "preflight_rules.yaml"
 GPUS_FILE = "gpus.yaml"
 GIB = 1024**3
 
-ERROR_TYPES = frozenset({
-    "OOM", "Timeout", "QuantBlockAlignment", "QuantizationConflict", "UnsupportedBackend",
-    "CudaGraphCapture", "NCCL", "IllegalMemoryAccess", "Crash", "InvalidArgument", "PortInUse",
-    "MissingDependency", "TrustRemoteCode", "ServerError",
-})
 
 
 @dataclass(frozen=True)
@@ -281,15 +282,11 @@ def trust_remote_code(ctx: _Context) -> dict[str, Any] | None:
     return {"model_type": ctx.model.model_type}
 
 
-def vllm_cpu_no_expert_parallel(ctx: _Context) -> dict[str, Any] | None:
-    return {} if ctx.plan.ep > 1 else None
-
-
 _CHECKS: dict[str, Callable[[_Context], Mapping[str, Any] | None]] = {
     f.__name__: f for f in (
         fp8_block_alignment, fp8_requested_unaligned, quantization_conflict, trtllm_needs_blackwell,
         cutlass_needs_fp4_or_bf16, ep_must_divide, tp_must_divide_heads, enough_gpus,
-        weights_fit_memory, trust_remote_code, vllm_cpu_no_expert_parallel)
+        weights_fit_memory, trust_remote_code)
 }
 
 
@@ -361,3 +358,46 @@ def render_plan(rows: list[tuple[LaunchPlan, list[Problem]]]) -> str:
         lines.append(f"| {plan.tp} | {plan.ep} | {plan.quantization or '—'} | {plan.backend} "
                      f"| {'fails' if problems else 'passes'} | {rejected} |")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- matrix configs
+
+
+def plan_for(cfg: ServerConfig) -> LaunchPlan:
+    """The preflight view of a matrix config: its engine-neutral fields plus the extra flags that matter."""
+    args = list(cfg.args)
+
+    def value(flag: str) -> str | None:
+        return args[args.index(flag) + 1] if flag in args[:-1] else None
+
+    mem = value("--mem-fraction-static") or value("--gpu-memory-utilization")
+    return LaunchPlan(
+        engine=cfg.engine, tp=cfg.tp, ep=cfg.ep, quantization=cfg.quantization, moe_backend=cfg.moe_backend,
+        trust_remote_code="--trust-remote-code" in args, mem_fraction=float(mem) if mem else None,
+        dtype=value("--dtype"),
+    )
+
+
+def host_gpu(gpus: list[GpuInfo]) -> GpuSpec | None:
+    """The host's GPUs as a catalog entry; None (GPU rules skipped) without GPUs or for an unknown name."""
+    if not gpus:
+        return None
+    try:
+        return gpu_spec(gpus[0].name, len(gpus))
+    except ValueError:
+        return None
+
+
+@lru_cache(maxsize=None)
+def _inspect_cached(path: str) -> ModelSpec | None:
+    try:
+        return inspect_model(resolve_model_path(path))
+    except ModelInspectionError:
+        return None
+
+
+def check_config(cfg: ServerConfig, gpus: list[GpuInfo]) -> list[Problem] | None:
+    """Problems of one matrix config on this host; None when the model's config.json is not available here
+    (a hub id not yet in the local cache): then nothing can be predicted and the config boots."""
+    model = _inspect_cached(cfg.model_path)
+    return None if model is None else check(model, plan_for(cfg), host_gpu(gpus))

@@ -57,11 +57,12 @@ def repro_command(config_id: str, matrix_path: str, test_path: str = "test/night
 
 
 def _cell(value: Any) -> str:
-    if value is None or value == "":
+    """Numbers as the seed prints them (two decimals); values from xdist workers arrive as strings."""
+    if value is None or value in ("", "None"):
         return "-"
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    return str(value)
+    if isinstance(value, str) and re.fullmatch(r"-?\d+\.\d+", value):
+        value = float(value)
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 def success_tables(entries: Iterable[dict[str, Any]]) -> str:
@@ -99,7 +100,11 @@ def failure_table(entries: Iterable[dict[str, Any]]) -> str:
 
 def summary_markdown(successes: list[dict[str, Any]], failures: list[dict[str, Any]]) -> str:
     """The whole end-of-run summary: counts, then tables."""
-    head = f"## pytest-moe: {len(successes)} succeeded, {len(failures)} failed"
+    notes = [f"{n} {label}" for label, n in (
+        ("predicted by preflight, not booted", sum(1 for f in failures if f.get("status") == "predicted")),
+        ("known failures", sum(1 for f in failures if f.get("status") == "xfailed")),
+    ) if n]
+    head = f"## pytest-moe: {len(successes)} succeeded, {len(failures)} failed" + (f" ({', '.join(notes)})" if notes else "")
     parts = [head]
     if successes:
         parts.append(success_tables(successes))

@@ -16,14 +16,23 @@ from typing import Any
 from pytest_moe import gpus
 from pytest_moe.bench import BenchResult, profile_stages, run_benchmark
 from pytest_moe.engines import get_engine
-from pytest_moe.errors import Classification, classify
-from pytest_moe.matrix import TINY_PREFIX, ServerConfig
+from pytest_moe.errors import Classification, classify, read_log_tail
+from pytest_moe.matrix import ServerConfig
+from pytest_moe.preflight import Problem
 from pytest_moe.report import redact, repro_command, shell_line
+from pytest_moe.results import ResultsStore
 from pytest_moe.server import Progress, Server, ServerError
-from pytest_moe.tiny import default_models_dir, ensure_tiny_model
+from pytest_moe.tiny import TINY_PREFIX, resolve_model_path
 
 #: The seed's fixed pause between configs; used when no GPU memory wait could replace it.
 SEED_COOLDOWN_S = 5.0
+#: What an interrupted config (Ctrl-C, SIGTERM from a cancelled job) is recorded as: the type list has no
+#: "Interrupted", and the fallback type says "not a known engine failure" without blaming the engine.
+INTERRUPTED_TYPE = "ServerError"
+#: Port shown in commands that were never launched (SGLang's default); a real launch picks a free one.
+LIST_PORT = 30000
+#: Launch attempts when the port turns out to be taken at bind time.
+PORT_ATTEMPTS = 3
 #: pytest-timeout's failure text (``signal`` method): a harness-level timeout, whatever the log says.
 _PYTEST_TIMEOUT = re.compile(r"^Failed: Timeout >")
 
@@ -48,16 +57,8 @@ class RunOptions:
 
 
 def safe_name(text: str) -> str:
-    """A model or config id made safe as a file name (``Qwen3-235B::TP8_EP2_auto`` → ``Qwen3-235B__TP8_EP2_auto``)."""
+    """A model or config id made safe as a file name (``Qwen3-235B::TP8_EP2_auto`` → ``Qwen3-235B_TP8_EP2_auto``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "config"
-
-
-def resolve_model_path(path: str, build: bool = True) -> str:
-    """``tiny:NAME`` is a local tiny checkpoint, built once when ``build``; anything else goes to the engine as is."""
-    if not path.startswith(TINY_PREFIX):
-        return path
-    name = path[len(TINY_PREFIX):]
-    return str(ensure_tiny_model(name) if build else default_models_dir() / name)
 
 
 class CellRun:
@@ -75,14 +76,30 @@ class CellRun:
         self.result: BenchResult | None = None
         self.profiles: dict[str, str] = {}
         self._memory_baseline: dict[int, int] | None = None
+        #: The entry written for this config, once written (the hook, a timeout or an interrupt may write it).
+        self.recorded: dict[str, Any] | None = None
 
     # -- running -----------------------------------------------------------------------------------
     def start_server(self) -> Server:
-        """Launch and wait for readiness; on any failure the server is already torn down."""
+        """Launch and wait for readiness; on any failure the server is already torn down.
+
+        A port taken between our free-port probe and the server's bind (another job, a dying
+        predecessor) is retried on a fresh port, up to ``PORT_ATTEMPTS`` times.
+        """
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.unlink(missing_ok=True)
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, self.gpu_indices))} if self.engine.spec.uses_gpus else {}
         self._memory_baseline = gpus.memory_snapshot(self.gpu_indices) if self.gpu_indices else None
+        for _ in range(PORT_ATTEMPTS - 1):
+            try:
+                return self._launch()
+            except ServerError as exc:
+                if exc.timed_out or classify(exc.log_tail).error_type != "PortInUse":
+                    raise
+                self.progress(f"[pytest-moe] {self.cfg.id}: port {self.server.port} was taken, retrying on another port")
+        return self._launch()
+
+    def _launch(self) -> Server:
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, self.gpu_indices))} if self.engine.spec.uses_gpus else {}
         self.server = Server(
             self.engine, self.cfg,
             model_path=resolve_model_path(self.cfg.model_path),
@@ -151,16 +168,64 @@ class CellRun:
             **self.base_entry(),
             "error_type": classification.error_type,
             "error_message": redact(classification.message),
+            "status": "failed",
         }
+
+    def record_success(self, store: ResultsStore) -> dict[str, Any]:
+        entry = {**self.success_entry(), "status": "success"}
+        store.record_success(self.cfg.id, entry)
+        self.recorded = entry
+        return entry
+
+    def record_failure(self, store: ResultsStore, classification: Classification) -> dict[str, Any]:
+        """Write the failure now: whatever kills the run next, this config's outcome is on disk."""
+        entry = self.failure_entry(classification)
+        store.record_failure(self.cfg.id, entry)
+        self.recorded = entry
+        return entry
 
     def classify_failure(self, exc: BaseException | None, exc_text: str) -> Classification:
         """Harness-known timeouts first; otherwise the classifier reads the exception and the server log."""
         if isinstance(exc, ServerError) and exc.timed_out or _PYTEST_TIMEOUT.match(exc_text):
             return Classification("Timeout", exc_text.splitlines()[0][:300], None)
-        log = ""
-        if self.log_path.exists():
-            with open(self.log_path, "rb") as fh:
-                fh.seek(0, 2)
-                fh.seek(max(0, fh.tell() - 4 * 1024 * 1024))
-                log = fh.read().decode("utf-8", "replace")
+        log = read_log_tail(self.log_path) if self.log_path.exists() else ""
         return classify(exc_text + "\n" + log)
+
+
+def display_command(cfg: ServerConfig) -> str:
+    """The server command of ``cfg`` as ``list`` shows it: SGLang's default port, the plain model name."""
+    engine = get_engine(cfg.engine)
+    argv = engine.command(
+        cfg, resolve_model_path(cfg.model_path, build=False), host=cfg.host, port=LIST_PORT,
+        served_name=cfg.model_path.removeprefix(TINY_PREFIX), profile_dir=None,
+    )
+    return shell_line(argv, engine.environment(cfg, None))
+
+
+def predicted_entry(cfg: ServerConfig, opts: RunOptions, problems: list[Problem]) -> dict[str, Any]:
+    """A failure preflight predicts: recorded like a real one, but ``status: predicted`` and never booted."""
+    return {
+        "model": cfg.model,
+        "config": cfg.name,
+        "engine": cfg.engine,
+        "error_type": problems[0].prevents,
+        "error_message": "; ".join(f"{p.rule_id}: {p.message}" for p in problems),
+        "rule_ids": ",".join(p.rule_id for p in problems),
+        "server_command": display_command(cfg),
+        "repro_command": repro_command(cfg.id, opts.matrix_path, opts.test_path) + " --moe-no-preflight",
+        "status": "predicted",
+    }
+
+
+def crashed_worker_entry(config_id: str, opts: RunOptions, message: str) -> dict[str, Any]:
+    """The failure entry the xdist controller writes for a config whose worker process died."""
+    model, _, name = config_id.partition("::")
+    return {
+        "model": model,
+        "config": name,
+        "error_type": "Crash",
+        "error_message": message,
+        "log_path": str(opts.log_dir / f"{safe_name(config_id)}.log"),
+        "repro_command": repro_command(config_id, opts.matrix_path, opts.test_path),
+        "status": "failed",
+    }

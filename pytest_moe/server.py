@@ -32,7 +32,7 @@ import psutil
 
 from pytest_moe.engines import Engine
 from pytest_moe.matrix import ServerConfig
-from pytest_moe.report import shell_line
+from pytest_moe.report import redact, shell_line
 
 Progress = Callable[[str], None]
 
@@ -48,7 +48,7 @@ class ServerError(RuntimeError):
     """The server could not be brought up; carries what a reader needs to see why."""
 
     def __init__(self, message: str, *, log_path: Path, log_tail: str, timed_out: bool = False):
-        super().__init__(f"{message}\n--- last lines of {log_path} ---\n{log_tail}")
+        super().__init__(redact(f"{message}\n--- last lines of {log_path} ---\n{log_tail}"))
         self.log_path = log_path
         self.log_tail = log_tail
         self.timed_out = timed_out

@@ -21,6 +21,8 @@ from filelock import FileLock
 
 from pytest_moe.datafiles import load_yaml
 
+#: Prefix of a matrix model path that names a tiny checkpoint of ``tiny_models.yaml``.
+TINY_PREFIX = "tiny:"
 #: Written last, so a directory holding it is a complete checkpoint (a killed build is rebuilt).
 _DONE_MARKER = ".pytest-moe-complete"
 _VOCAB_SIZE = 512
@@ -48,6 +50,14 @@ def tiny_model_specs() -> dict[str, TinyModelSpec]:
 def default_models_dir() -> Path:
     """Where tiny checkpoints live: ``$PYTEST_MOE_TINY_DIR`` or ``.tiny-models`` in the working directory."""
     return Path(os.environ.get("PYTEST_MOE_TINY_DIR", ".tiny-models")).resolve()
+
+
+def resolve_model_path(path: str, build: bool = True) -> str:
+    """``tiny:NAME`` is a local tiny checkpoint, built once when ``build``; anything else goes to the engine as is."""
+    if not path.startswith(TINY_PREFIX):
+        return path
+    name = path[len(TINY_PREFIX):]
+    return str(ensure_tiny_model(name) if build else default_models_dir() / name)
 
 
 def ensure_tiny_model(name: str, root: Path | None = None) -> Path:

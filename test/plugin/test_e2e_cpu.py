@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SMOKE = "test/nightly/smoke_matrix.yaml"
 OK_IDS = {"tiny-qwen3-moe::TP1_auto", "tiny-qwen3-moe::TP2_auto", "tiny-mixtral::TP1_auto", "tiny-mixtral::TP2_auto"}
 CRASH_ID = "tiny-qwen3-moe::TP2_EP2_auto"
+PREDICTED_ID = "tiny-qwen3-moe-ct::TP1_auto"
 
 
 @dataclass
@@ -73,7 +74,7 @@ def smoke_run(tmp_path_factory):
 
 def test_run_passes_with_the_crash_as_known_failure(smoke_run):
     assert smoke_run.returncode == 0, smoke_run.stdout[-3000:]
-    assert "4 passed, 1 xfailed" in smoke_run.stdout
+    assert "4 passed, 1 skipped, 1 xfailed" in smoke_run.stdout
 
 
 def test_success_entries_have_the_seed_fields_and_what_a_reader_needs(smoke_run):
@@ -154,3 +155,23 @@ def test_no_server_process_outlives_the_run_and_ports_are_free(smoke_run):
         port = int(argv[argv.index("--port") + 1])
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_preflight_skips_the_rule_breaker_before_boot_and_records_a_predicted_failure(smoke_run):
+    entry = smoke_run.failures[PREDICTED_ID]
+    assert (entry["status"], entry["error_type"], entry["rule_ids"]) == ("predicted", "QuantizationConflict", "quantization-conflict")
+    assert "tiny-qwen3-moe-ct_TP1_auto.log" not in {p.name for p in (smoke_run.dir / "results" / "logs").iterdir()}
+    assert f"{PREDICTED_ID} predicted to fail (QuantizationConflict) by preflight rule quantization-conflict" in smoke_run.stdout
+
+
+def test_without_preflight_the_real_engine_fails_the_way_the_rule_predicted(tmp_path):
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "test/nightly", "--moe-matrix", SMOKE, "--moe-config", PREDICTED_ID,
+         "--moe-no-preflight", "--moe-results-dir", str(results), "--moe-cooldown", "0", "-p", "no:cacheprovider"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    entry = json.loads((results / "failure_results.json").read_text())[PREDICTED_ID]
+    assert (entry["status"], entry["error_type"]) == ("failed", "QuantizationConflict")
+    assert "does not match the quantization method specified in the `quantization` argument (fp8)" in entry["error_message"]

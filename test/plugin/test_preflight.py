@@ -120,12 +120,10 @@ def test_ep_must_divide_tp_and_experts():
     assert heads.rule_id == "tp-must-divide-heads" and "[1, 2, 4]" in heads.message
 
 
-def test_trust_remote_code_and_gpu_count_and_vllm_cpu():
+def test_trust_remote_code_and_gpu_count():
     [trust] = check(model("minimax-m2.json"), LaunchPlan(tp=8, ep=2), H200x8)
     assert (trust.rule_id, trust.prevents) == ("trust-remote-code", "TrustRemoteCode")
     assert ids(check(model("qwen3-30b-a3b.json"), LaunchPlan(tp=8), gpu_spec("H100", 4))) == ["enough-gpus"]
-    cpu = LaunchPlan(engine="vllm-cpu", tp=2, ep=2)
-    assert ids(check(model("qwen3-30b-a3b.json"), cpu, None)) == ["vllm-cpu-no-expert-parallel"]
 
 
 # --------------------------------------------------------------------------- seed 000
