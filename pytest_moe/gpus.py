@@ -38,7 +38,8 @@ Leasing
         prove that no two leases ever shared a GPU.
 
     Ordering and starvation: waiters are served largest request first, FIFO among equal sizes.
-    On every poll a waiter replays the allocation of the free GPUs in that order; a waiter that
+    In every round (whenever state.json changes, and at least every ``recheck_s`` because a crash
+    writes nothing) a waiter replays the allocation of the free GPUs in that order; a waiter that
     cannot be satisfied *reserves* the free GPUs it could use, so smaller requests behind it can
     only take GPUs outside its pool.  A TP8 waiting for a full node therefore gets every GPU that
     frees up and starts as soon as the configs already running end: TP1 configs cannot keep
@@ -47,8 +48,10 @@ Leasing
     node, so the free GPUs are always a multiple of the head's need and reservations never leave
     a GPU idle; the only idle time is the tail of the run.  Not using the library ``filelock``:
     the whole design rests on "a lease dies with its holder", which must be the kernel's flock,
-    while filelock 4 silently falls back to a soft lock that survives its holder where flock is
-    missing (and 3.x, which our dependency range admits, has no switch to refuse that).
+    while filelock 4 by default falls back to a soft lock that survives its holder where flock is
+    missing, and the keyword that refuses this (``fallback_to_soft=False``) is rejected by the
+    filelock 3.x that our dependency range admits.  The arbiter also blocks in flock() itself
+    rather than in filelock's sleep-and-retry loop.
 """
 
 from __future__ import annotations

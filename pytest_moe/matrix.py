@@ -253,7 +253,7 @@ def _resolve(
     quantization = entry.quantization or quantization
     if tp % ep:
         raise locate.error(where, f"EP {ep} does not divide TP {tp} for model {model} (EP must divide TP)")
-    if not get_engine(engine).spec.flags["ep"].startswith("--ep") and ep not in (1, tp):
+    if get_engine(engine).spec.ep_style == "flag" and ep not in (1, tp):
         raise locate.error(
             where,
             f"engine {engine} takes expert parallelism as a switch (EP size = TP), so EP must be 1 or {tp}, not {ep}",

@@ -171,6 +171,8 @@ class MoESession:
         cell = item.stash.get(_CELL, None)
         if cell is None or report.when == "teardown" or report.skipped or (report.when == "setup" and report.passed):
             return report
+        if report.passed and cell.result is None:
+            return report  # a test of this config that ran no benchmark has no figures to record
         if report.passed:
             entry = cell.record_success(self.store)
         else:
@@ -262,8 +264,7 @@ def moe_cell(request: pytest.FixtureRequest, moe_config: ServerConfig):
     session: MoESession = request.config.pluginmanager.get_plugin("moe-session")
     lease = gpus.GpuLeaser().acquire(moe_config.gpus_needed, config_id=moe_config.id) if moe_config.gpus_needed else None
     try:
-        cell = CellRun(moe_config, session.options, gpu_indices=list(lease.indices) if lease else [],
-                       progress=_progress_writer(request.config))
+        cell = CellRun(moe_config, session.options, lease=lease, progress=_progress_writer(request.config))
         request.node.stash[_CELL] = cell
         session.active_cells.append(cell)
         yield cell

@@ -112,7 +112,7 @@ class _Context:
 
 
 def _engine(name: str) -> Mapping[str, Any]:
-    engines = load_yaml(RULES_FILE)["engines"]
+    engines = load_yaml("engines.yaml")
     if name not in engines:
         raise ValueError(f"unknown engine '{name}' in a launch plan; known: {', '.join(engines)}.")
     return engines[name]
@@ -334,7 +334,7 @@ def verdict(problems: list[Problem]) -> dict[str, Any]:
 
 def plan_table(model: ModelSpec, gpu: GpuSpec, engine: str = "sglang") -> list[tuple[LaunchPlan, list[Problem]]]:
     """Every TP (powers of two up to the GPU count) x EP x {none, fp8} x MoE backend, checked."""
-    backends = _engine(engine)["backends"]
+    backends = _engine(engine)["plan_backends"]
     rows = []
     tp = 1
     while tp <= gpu.count:

@@ -64,11 +64,12 @@ def safe_name(text: str) -> str:
 class CellRun:
     """State of one config's run, from launch to its results entry."""
 
-    def __init__(self, cfg: ServerConfig, opts: RunOptions, *, gpu_indices: list[int], progress: Progress):
+    def __init__(self, cfg: ServerConfig, opts: RunOptions, *, lease: gpus.GpuLease | None, progress: Progress):
         self.cfg = cfg
         self.opts = opts
         self.engine = get_engine(cfg.engine)
-        self.gpu_indices = gpu_indices
+        self.lease = lease
+        self.gpu_indices = list(lease.indices) if lease else []
         self.progress = progress
         self.log_path = opts.log_dir / f"{safe_name(cfg.id)}.log"
         self.profile_dir = opts.results_dir / "traces" / safe_name(cfg.model) / safe_name(cfg.name) if opts.profile else None
@@ -99,7 +100,6 @@ class CellRun:
         return self._launch()
 
     def _launch(self) -> Server:
-        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, self.gpu_indices))} if self.engine.spec.uses_gpus else {}
         self.server = Server(
             self.engine, self.cfg,
             model_path=resolve_model_path(self.cfg.model_path),
@@ -107,7 +107,8 @@ class CellRun:
             log_path=self.log_path,
             timeout_s=self.opts.timeout_override_s or self.cfg.timeout_s,
             profile_dir=self.profile_dir / "raw" if self.profile_dir else None,
-            extra_env=env,
+            extra_env=self.lease.env() if self.lease else {},
+            pass_fds=self.lease.lock_fds if self.lease else (),
             progress=self.progress,
             progress_interval_s=self.opts.progress_interval_s,
             grace_s=self.opts.grace_s,
@@ -134,14 +135,13 @@ class CellRun:
             )
             if waited is not None:
                 self.progress(f"[pytest-moe] {self.cfg.id}: {waited.describe()}")
-        pause = self.opts.cooldown_s if self.opts.cooldown_s is not None else (0.0 if waited else SEED_COOLDOWN_S)
+        pause = self.opts.cooldown_s if self.opts.cooldown_s is not None else (0.0 if waited is not None else SEED_COOLDOWN_S)
         time.sleep(pause)
 
     # -- describing --------------------------------------------------------------------------------
     def base_entry(self) -> dict[str, Any]:
         """Fields every entry carries so a reader can act on it without opening anything else."""
-        infos = {g.index: g for g in gpus.discover_gpus()} if self.gpu_indices else {}
-        names = sorted({infos[i].name for i in self.gpu_indices if i in infos}) if self.gpu_indices else []
+        names = sorted({g.name for g in self.lease.gpus}) if self.lease else []
         server_command = shell_line(self.server.argv, self.server.launch_env) if self.server else None
         return {
             "model": self.cfg.model,

@@ -96,6 +96,7 @@ class Server:
         timeout_s: float,
         profile_dir: Path | None = None,
         extra_env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
         progress: Progress = lambda line: None,
         progress_interval_s: float = 30.0,
         grace_s: float = 10.0,
@@ -109,6 +110,8 @@ class Server:
         self.timeout_s = timeout_s
         self.profile_dir = profile_dir
         self.extra_env = extra_env or {}
+        #: The GPU lease's lock fds: inherited by the server, so a server outliving a crashed worker keeps its GPUs leased.
+        self.pass_fds = pass_fds
         self.progress = progress
         self.progress_interval_s = progress_interval_s
         self.grace_s = grace_s
@@ -157,7 +160,7 @@ class Server:
             log.flush()
             self.proc = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
+                env=env, start_new_session=True, pass_fds=self.pass_fds,
             )
         self._janitor = subprocess.Popen(
             [sys.executable, "-m", "pytest_moe.janitor", str(os.getpid()), str(self.proc.pid), str(self.grace_s)],

@@ -34,7 +34,7 @@ CONFIG = "tiny-qwen3-moe::TP1_auto"
 def _cell(tmp: Path) -> CellRun:
     cfg = load_matrix(ROOT / "test/nightly/smoke_matrix.yaml").by_id()[CONFIG]
     opts = RunOptions(matrix_path="test/nightly/smoke_matrix.yaml", results_dir=tmp, cooldown_s=0.0)
-    return CellRun(cfg, opts, gpu_indices=[], progress=lambda line: None)
+    return CellRun(cfg, opts, lease=None, progress=lambda line: None)
 
 
 def overhead(tmp: Path) -> None:

@@ -35,6 +35,7 @@ class EngineSpec:
     profile: dict[str, str]
     moe_backends: tuple[str, ...]
     log_patterns: dict[str, str]
+    ep_style: str
     env: dict[str, str] = field(default_factory=dict)
     args: tuple[str, ...] = ()
     model_positional: bool = False
@@ -53,6 +54,7 @@ class EngineSpec:
             profile=dict(raw["profile"]),
             moe_backends=tuple(raw["moe_backends"]),
             log_patterns=dict(raw["log_patterns"]),
+            ep_style=raw["ep_style"],
             env={k: str(v) for k, v in (raw.get("env") or {}).items()},
             args=tuple(str(a) for a in raw.get("args") or ()),
             model_positional=bool(raw.get("model_positional", False)),
@@ -93,8 +95,10 @@ class Engine:
         return argv
 
     def ep_args(self, ep: int) -> list[str]:
-        """SGLang-style engines take an EP size."""
-        return [self.spec.flags["ep"], str(ep)] if ep > 1 else []
+        """``ep_style: size`` takes ``--ep N``; ``flag`` is a switch (vLLM: EP size = TP x DP)."""
+        if ep <= 1:
+            return []
+        return [self.spec.flags["ep"]] if self.spec.ep_style == "flag" else [self.spec.flags["ep"], str(ep)]
 
     def profile_args(self, profile_dir: Path | None) -> list[str]:
         """Launch flags that enable profiling; none by default (SGLang profiles on request)."""

@@ -13,10 +13,6 @@ from pytest_moe.engines.base import CommandRejected, Engine, profile_json
 
 
 class VLLMEngine(Engine):
-    def ep_args(self, ep: int) -> list[str]:
-        """vLLM's EP is a switch: the EP size is TP x DP (the matrix validator holds EP to 1 or TP)."""
-        return [self.spec.flags["ep"]] if ep > 1 else []
-
     def profile_args(self, profile_dir: Path | None) -> list[str]:
         """vLLM only profiles when started with a profiler config naming the trace directory."""
         if profile_dir is None:

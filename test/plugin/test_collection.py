@@ -118,3 +118,40 @@ def test_list_command_prints_every_config_with_markers_gpus_and_command(suite):
     big8 = next(line for line in lines if line.startswith("Big::TP8_EP2_auto\t"))
     assert "tp8,gpus8,fp8,sglang\tgpus=8\t" in big8
     assert "-m sglang.launch_server --model-path org/big" in big8 and "--tp 8 --ep 2 --quantization fp8" in big8
+
+
+LEASE_MATRIX = """\
+defaults: {engine: sglang, moe_backends: [auto]}
+models:
+  A: {path: org/a, tp: [1, 2]}
+  B: {path: org/b, tp: [1]}
+  C: {path: org/c, tp: [1, 2]}
+"""
+
+LEASE_TEST = """\
+import time
+
+def test_benchmark(moe_cell):
+    env = moe_cell.lease.env()
+    assert len(env["CUDA_VISIBLE_DEVICES"].split(",")) == moe_cell.cfg.tp
+    assert moe_cell.gpu_indices == list(moe_cell.lease.indices)
+    time.sleep(0.5)
+"""
+
+
+def test_xdist_workers_lease_exactly_their_gpus_and_never_share_one(pytester, monkeypatch, tmp_path):
+    """Real leases under pytest-xdist on a declared 2-GPU host (no server: the test takes the lease only)."""
+    from pytest_moe.gpus import lease_overlaps, read_lease_log
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("PYTEST_MOE_LEASE_DIR", str(tmp_path / "leases"))
+    pytester.makefile(".yaml", model_matrix=LEASE_MATRIX)
+    pytester.makepyfile(test_nightly=LEASE_TEST)
+    result = pytester.runpytest_subprocess("-n", "3", "--maxschedchunk", "1", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=5)
+    events = read_lease_log(tmp_path / "leases" / "leases.jsonl")
+    assert lease_overlaps(events) == []
+    acquired = {e["config"]: e["indices"] for e in events if e["event"] == "acquire"}
+    assert set(acquired) == {"A::TP1_auto", "A::TP2_auto", "B::TP1_auto", "C::TP1_auto", "C::TP2_auto"}
+    assert sorted(acquired["A::TP2_auto"]) == [0, 1] and len(acquired["B::TP1_auto"]) == 1
+    assert sum(e["event"] == "release" for e in events) == 5

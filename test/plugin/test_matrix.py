@@ -58,7 +58,7 @@ def test_smoke_matrix_has_two_architectures_tp1_tp2_and_the_crashing_ep_config()
         (MINIMAL.replace("tp: [1, 8]", "tp: [1, 6]"), r"matrix.yaml:6: models.M.tp\[1\]: TP 6 is not a positive power of two"),
         (MINIMAL.replace("tp: [1, 8]", "tp: [0]"), r"TP 0 is not a positive power of two"),
         (MINIMAL.replace("    tp: [1, 8]", "    tp: [1, 8]\n    colour: red"),
-         r"matrix.yaml:7: models.M.colour: unknown key 'colour' \(allowed: path, engine, precision, tp,"),
+         r"matrix.yaml:7: models.M.colour: unknown key 'colour' \(allowed: path, engine, precision, quantization, tp,"),
         (MINIMAL.replace("engine: sglang", "engine: trtllm"), r"matrix.yaml:2: defaults.engine: unknown engine 'trtllm' \(allowed: sglang, vllm, vllm-cpu\)"),
         (MINIMAL.replace("    tp: [1, 8]", "    tp: [4]\n    configs: [{tp: 4, ep: 3}]"), r"EP 3 does not divide TP 4"),
         (MINIMAL.replace("    tp: [1, 8]", "    tp: [2]\n    moe_backends: [warp9]"), r"matrix.yaml:7: models.M.moe_backends\[0\]: unknown MoE backend 'warp9' for engine sglang \(allowed: auto,"),
