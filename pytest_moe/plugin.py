@@ -68,7 +68,7 @@ class MoESession:
     def __init__(self, config: pytest.Config):
         self.config = config
         self.outcomes: list[dict[str, Any]] = []
-        #: Cells whose test is running in this process (at most one without xdist's threads).
+        #: Cells whose test is running in this process (one at a time; each xdist worker has its own).
         self.active_cells: list[CellRun] = []
         self._store: ResultsStore | None = None
         self._previous_sigterm: Any = None

