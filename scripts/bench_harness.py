@@ -109,8 +109,11 @@ def death(tmp: Path, victim: str) -> None:
         cell.start_server()
     except ServerError as exc:
         failed_at = time.perf_counter()
+        noticed = cell.server.noticed_exit_at - (time.monotonic() - time.perf_counter()) if cell.server.noticed_exit_at else None
         first = str(exc).splitlines()[0]
-        print(f"[death] {victim} SIGKILLed while loading -> test failure after {(failed_at - killed_at[0]) * 1000:.0f} ms: {first[:110]}")
+        print(f"[death] {victim} SIGKILLed while loading: launcher exit noticed after "
+              f"{(noticed - killed_at[0]) * 1000:.0f} ms; test failed after {(failed_at - killed_at[0]) * 1000:.0f} ms "
+              f"(incl. teardown of {len(cell.server.teardown.pids)} leftover processes): {first[:100]}")
         return
     raise SystemExit(f"[death] {victim}: the server became ready although it was killed")
 
