@@ -196,8 +196,12 @@ class Server:
                     return self.ready_after_s
                 next_probe = time.monotonic() + _PROBE_S
             if now >= next_progress:
-                last = tail(self.log_path, 1).strip()[:200]
-                self.progress(f"[pytest-moe] {self.cfg.id}: waiting for readiness, {now - started:.0f} s elapsed; last log line: {last}")
+                recent = tail(self.log_path, 200)
+                last = recent.strip().rsplit("\n", 1)[-1][:200]
+                self.progress(
+                    f"[pytest-moe] {self.cfg.id}: waiting for readiness, {now - started:.0f} s elapsed "
+                    f"({self.engine.phase(recent)}); last log line: {last}"
+                )
                 next_progress = now + self.progress_interval_s
             time.sleep(_POLL_S)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,15 @@ class Engine:
     def check_command(self, argv: list[str]) -> None:
         """Parse ``argv`` with the engine's real argument parser; raise ``CommandRejected`` if it refuses."""
         raise NotImplementedError
+
+    def phase(self, log_text: str) -> str:
+        """Where a loading server is, from its log (``log_patterns``): shown in the progress lines."""
+        patterns = self.spec.log_patterns
+        if re.search(patterns["http_up"], log_text):
+            return "HTTP server up, not ready yet"
+        if re.search(patterns["loading"], log_text):
+            return "loading weights"
+        return "starting"
 
     # -- probing a running server -------------------------------------------------------------------
     def served_models(self, base_url: str, timeout: float = 2.0) -> list[str]:

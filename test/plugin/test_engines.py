@@ -75,3 +75,17 @@ def test_cpu_bind_groups(cpus, ranks, expected):
 def test_cpu_bind_groups_needs_a_core_per_rank():
     with pytest.raises(ValueError, match="needs at least 4 CPU cores, found 2"):
         cpu_bind_groups([0, 1], 4)
+
+
+@pytest.mark.parametrize(
+    "engine, log, phase",
+    [
+        ("vllm-cpu", "(APIServer pid=1) INFO vLLM API server version 0.32.0", "starting"),
+        ("vllm-cpu", "(Worker pid=2) INFO [cpu_model_runner.py:68] Starting to load model /m...", "loading weights"),
+        ("vllm", "Starting to load model /m...\nINFO:     Application startup complete.", "HTTP server up, not ready yet"),
+        ("sglang", "[2026-11-22 TP0] Load weight begin. avail mem=78.50 GB", "loading weights"),
+        ("sglang", "Load weight end.\nINFO:     Uvicorn running on http://127.0.0.1:30000", "HTTP server up, not ready yet"),
+    ],
+)
+def test_progress_phase_comes_from_the_engines_log_patterns(engine, log, phase):
+    assert get_engine(engine).phase(log) == phase

@@ -1,0 +1,55 @@
+"""Reports: seed 001's table, failure lines with a repro and the server command, redaction."""
+
+import shlex
+
+from pytest_moe.report import failure_table, redact, repro_command, shell_line, success_tables, summary_markdown
+
+SEED_ROW = {"model": "Qwen3-235B", "config": "TP8_EP2_auto", "batch_size": 1, "input_len": 4096, "latency_s": 7.59,
+            "input_throughput_tok_per_s": 15933.87, "output_throughput_tok_per_s": 69.81, "itl_ms": 14.32,
+            "profile_extend": "traces/q/extend", "profile_decode": None}
+
+
+def test_seed_table_columns_and_row():
+    text = success_tables([SEED_ROW])
+    assert text.splitlines()[0] == "### Qwen3-235B"
+    assert ("| config | batch size | input len | latency (s) | input throughput (tok/s) | output throughput (tok/s) "
+            "| ITL (ms) | profile (extend) | profile (decode) |") in text
+    assert "| TP8_EP2_auto | 1 | 4096 | 7.59 | 15933.87 | 69.81 | 14.32 | traces/q/extend | - |" in text
+
+
+def test_values_from_xdist_workers_arrive_as_strings_and_print_the_same():
+    as_strings = {k: str(v) if isinstance(v, float) else v for k, v in SEED_ROW.items()}
+    assert success_tables([as_strings]) == success_tables([SEED_ROW])
+
+
+def test_failures_show_type_message_repro_and_server_command():
+    entry = {"model": "M", "config": "TP4_auto", "error_type": "OOM", "error_message": "CUDA out of memory | x",
+             "status": "failed", "repro_command": repro_command("M::TP4_auto", "model_matrix.yaml"),
+             "server_command": "python -m sglang.launch_server --tp 4"}
+    text = failure_table([entry])
+    assert "| M::TP4_auto | OOM | failed | CUDA out of memory \\| x |" in text
+    assert "- M::TP4_auto: `pytest test/nightly --moe-matrix model_matrix.yaml --moe-config M::TP4_auto`" in text
+    assert "  - server: `python -m sglang.launch_server --tp 4`" in text
+    head = summary_markdown([SEED_ROW], [entry, {**entry, "config": "TP8_auto", "status": "predicted"}]).splitlines()[0]
+    assert head == "## pytest-moe: 1 succeeded, 2 failed (1 predicted by preflight, not booted)"
+
+
+def test_repro_command_quotes_what_needs_quoting():
+    cmd = repro_command("Odd Model::TP1_auto", "my matrix.yaml")
+    assert shlex.split(cmd) == ["pytest", "test/nightly", "--moe-matrix", "my matrix.yaml", "--moe-config", "Odd Model::TP1_auto"]
+
+
+def test_redaction_by_value_name_flag_and_url(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secretvalue123")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-anothersecret")
+    text = ("loading with hf_secretvalue123; WANDB_API_KEY=abc123 --api-key sk-anothersecret "
+            "https://user:pa55word@example.invalid/repo MY_TOKEN=t0k3n")
+    out = redact(text)
+    for secret in ("hf_secretvalue123", "abc123", "sk-anothersecret", "pa55word", "t0k3n"):
+        assert secret not in out
+    assert "https://***@example.invalid/repo" in out and "WANDB_API_KEY=***" in out
+
+
+def test_shell_line_puts_environment_first_and_quotes():
+    line = shell_line(["python", "-m", "x", "--bind", "0|1"], {"B": "2", "A": "1"})
+    assert line == "env A=1 B=2 python -m x --bind '0|1'"

@@ -1,0 +1,139 @@
+"""Server lifecycle against a stand-in engine process: readiness, death, port clashes, leftovers, teardown.
+
+The real engines go through the same code in test_e2e_cpu.py and test_faults.py; a stand-in makes the
+timing-sensitive cases here fast and deterministic.
+"""
+
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pytest_moe import server as server_mod
+from pytest_moe.engines.base import Engine, EngineSpec
+from pytest_moe.matrix import BenchSpec, ServerConfig
+from pytest_moe.runner import CellRun, RunOptions
+from pytest_moe.server import Server, ServerError
+
+FAKE = str(Path(__file__).parent / "fakes" / "fake_engine.py")
+
+
+def _engine(*extra: str) -> Engine:
+    return Engine(EngineSpec.from_yaml("fake", {
+        "adapter": "fake", "distributions": [], "launch": [sys.executable, FAKE], "uses_gpus": False,
+        "flags": {"model": "--model", "served_model_name": "--served-model-name", "tp": "--tp", "ep": "--ep",
+                  "quantization": "--quantization", "moe_backend": "--moe-backend", "host": "--host", "port": "--port"},
+        "ep_style": "size", "readiness_path": "/health", "models_path": "/v1/models", "profile": {},
+        "moe_backends": ["auto"], "log_patterns": {"loading": "starting", "http_up": "startup complete"},
+        "args": list(extra),
+    }))
+
+
+def _cfg(timeout_s: float = 30) -> ServerConfig:
+    return ServerConfig(
+        model="fake", name="TP1_auto", model_path="/m", engine="fake", tp=1, ep=1, precision="native",
+        quantization=None, moe_backend="auto", args=(), env=(), timeout_s=timeout_s, host="127.0.0.1",
+        bench=BenchSpec(), known_failure=None, matrix_path="m.yaml",
+    )
+
+
+def _server(tmp_path, *extra, timeout_s=30, **kw) -> Server:
+    return Server(_engine(*extra), _cfg(timeout_s), model_path="/m", served_name="ours", log_path=tmp_path / "s.log",
+                  timeout_s=timeout_s, grace_s=2, **kw)
+
+
+def test_ready_server_then_teardown_leaves_nothing(tmp_path):
+    with _server(tmp_path, "--ready-after", "0.6") as srv:
+        pid = srv.proc.pid
+        assert srv.engine.is_ready(srv.base_url, "ours")
+        assert srv.ready_after_s >= 0.6
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert srv.teardown.survivors == [] and not srv.teardown.escalated_to_sigkill
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", srv.port))
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_server_that_exits_before_ready_is_noticed_within_a_second_even_with_exit_code_0(tmp_path, code):
+    srv = _server(tmp_path, "--exit-after", "0.3", "--exit-code", str(code))
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match=f"exited with code {code} after") as info:
+        srv.__enter__()
+    assert srv.noticed_exit_at - t0 < 0.3 + 1.0 + 1.0  # exit after 0.3 s + interpreter start; noticed within a poll
+    assert "fake engine exiting before it was ready" in info.value.log_tail  # the tail of its log is reported
+
+
+def test_launch_timeout_tears_down_and_says_timeout(tmp_path):
+    srv = _server(tmp_path, "--ready-after", "60", timeout_s=1.5)
+    with pytest.raises(ServerError, match=r"Server failed to start within the timeout period \(1.5 s\)") as info:
+        srv.__enter__()
+    assert info.value.timed_out
+    assert srv.teardown is not None and srv.proc.poll() is not None  # torn down inside __enter__ (vLLM #37230)
+
+
+def test_progress_lines_carry_elapsed_time_phase_and_last_log_line(tmp_path):
+    lines = []
+    with _server(tmp_path, "--ready-after", "1.2", progress=lines.append, progress_interval_s=0.5):
+        pass
+    assert lines and "waiting for readiness" in lines[0] and "s elapsed" in lines[0]
+    assert "(HTTP server up, not ready yet); last log line: Application startup complete." in lines[-1]
+
+
+class _Foreign(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        body = b'{"data": [{"id": "someone-else"}]}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def foreign_server():
+    """A leftover server of another job, healthy, on a port we will be handed."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Foreign)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+
+
+def test_readiness_never_accepts_a_leftover_server_with_another_model(foreign_server):
+    engine = _engine()
+    base = f"http://127.0.0.1:{foreign_server}"
+    assert not engine.is_ready(base, "ours")
+    assert engine.is_ready(base, "someone-else")
+
+
+def test_port_taken_at_bind_time_is_retried_on_another_port(tmp_path, monkeypatch, foreign_server):
+    real_free_port = server_mod.free_port
+    handed = iter([foreign_server])
+    monkeypatch.setattr(server_mod, "free_port", lambda host="127.0.0.1": next(handed, None) or real_free_port(host))
+    lines = []
+    monkeypatch.setattr("pytest_moe.runner.get_engine", lambda name: _engine())
+    cell = CellRun(_cfg(), RunOptions(matrix_path="m.yaml", results_dir=tmp_path, cooldown_s=0), lease=None,
+                   progress=lines.append)
+    srv = cell.start_server()
+    try:
+        assert srv.port != foreign_server and srv.engine.is_ready(srv.base_url, srv.served_name)
+        assert any(f"port {foreign_server} was taken, retrying on another port" in line for line in lines)
+        assert "Address already in use" in (tmp_path / "logs" / "fake_TP1_auto.log").read_text()
+    finally:
+        srv.stop()
+
+
+def test_secrets_in_the_log_never_reach_the_error_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijklmnop")
+    srv = _server(tmp_path, "--exit-after", "0.1", "--served-model-name", "x", "--token-echo", "hf_abcdefghijklmnop")
+    with pytest.raises(ServerError) as info:
+        srv.__enter__()
+    assert "hf_abcdefghijklmnop" in (tmp_path / "s.log").read_text()  # the engine printed it
+    assert "hf_abcdefghijklmnop" not in str(info.value)
