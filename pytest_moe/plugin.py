@@ -19,8 +19,9 @@ from pytest_moe.matrix import Matrix, MatrixError, ServerConfig, load_matrix
 from pytest_moe.report import junit_properties, summary_markdown
 from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsStore
 from pytest_moe.errors import Classification
-from pytest_moe.preflight import Problem, check_config
+from pytest_moe.preflight import Problem
 from pytest_moe.runner import INTERRUPTED_TYPE, CellRun, RunOptions, crashed_worker_entry, predicted_entry
+from pytest_moe.selection import decide, run_order, unknown_config_ids
 from pytest_moe.server import kill_tree
 
 DEFAULT_MATRIX = "model_matrix.yaml"
@@ -128,35 +129,23 @@ class MoESession:
         )
 
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
-        """``--moe-config`` selection, GPU-shortfall skips, and largest-first order (keeps a node busy)."""
-        wanted = set(config.option.moe_config)
+        """``--moe-config`` selection, skips decided before boot, and largest-first order."""
         matrix = config.stash.get(_MATRIX, None)
-        if wanted:
-            known = set(matrix.by_id()) if matrix else set()
-            unknown = sorted(wanted - known)
-            if unknown:
-                raise pytest.UsageError(
-                    f"--moe-config {unknown[0]!r} is not a config of {matrix.path if matrix else 'any matrix'}"
-                    f" (e.g. {', '.join(sorted(known)[:3])})"
-                )
-            keep = [it for it in items if _config(it) is None or _config(it).id in wanted]
+        if config.option.moe_config:
+            error = unknown_config_ids(config.option.moe_config, matrix)
+            if error:
+                raise pytest.UsageError(error)
+            keep = [it for it in items if _config(it) is None or _config(it).id in config.option.moe_config]
             config.hook.pytest_deselected(items=[it for it in items if it not in keep])
             items[:] = keep
-        found = gpus.discover_gpus() if any(_config(it) for it in items) else []
-        for item in items:
-            cfg = _config(item)
-            if cfg is None:
-                continue
-            reason = gpus.shortfall_reason(cfg.gpus_needed, found) if cfg.gpus_needed else None
-            if reason:
-                item.add_marker(pytest.mark.skip(reason=f"{cfg.id} {reason}"))
-                continue
-            problems = None if config.option.moe_no_preflight else check_config(cfg, found)
-            if problems:
-                item.stash[_PREDICTED] = problems
-                first = problems[0]
-                item.add_marker(pytest.mark.skip(reason=f"{cfg.id} predicted to fail ({first.prevents}) by preflight rule {first.rule_id}: {first.message}"))
-        items.sort(key=lambda it: -(_config(it).gpus_needed if _config(it) else 0))
+        host_gpus = gpus.discover_gpus() if any(_config(it) for it in items) else []
+        for item in filter(_config, items):
+            decision = decide(_config(item), host_gpus, preflight=not config.option.moe_no_preflight)
+            if decision.skip_reason:
+                item.add_marker(pytest.mark.skip(reason=decision.skip_reason))
+            if decision.predicted:
+                item.stash[_PREDICTED] = list(decision.predicted)
+        items.sort(key=lambda it: run_order(_config(it)))
 
     # -- outcomes ----------------------------------------------------------------------------------
     @pytest.hookimpl(wrapper=True)

@@ -155,3 +155,33 @@ def test_xdist_workers_lease_exactly_their_gpus_and_never_share_one(pytester, mo
     assert set(acquired) == {"A::TP1_auto", "A::TP2_auto", "B::TP1_auto", "C::TP1_auto", "C::TP2_auto"}
     assert sorted(acquired["A::TP2_auto"]) == [0, 1] and len(acquired["B::TP1_auto"]) == 1
     assert sum(e["event"] == "release" for e in events) == 5
+
+
+def test_preflight_skips_a_doomed_config_at_collection_and_records_it(pytester, monkeypatch):
+    """Qwen3-235B FP8 at TP8 without EP: 1536/8 = 192 is not a multiple of the 128 block (seed 000)."""
+    from pathlib import Path
+
+    model = pytester.path / "qwen235b"
+    model.mkdir()
+    src = Path(__file__).parent / "data/configs/qwen3-235b-a22b-instruct-2507-fp8.json"
+    (model / "config.json").write_text(src.read_text())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    pytester.makefile(".yaml", model_matrix=f"""\
+defaults: {{engine: sglang, moe_backends: [auto]}}
+models:
+  Qwen3-235B:
+    path: {model}
+    quantization: fp8
+    tp: [8]
+    configs: [{{tp: 8, ep: 2}}]
+""")
+    pytester.makepyfile(test_nightly=TEST_FILE)
+    result = pytester.runpytest("-s", "-rs", "--moe-results-dir", "res", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, skipped=1)
+    assert _ids(result) == ["Qwen3-235B::TP8_EP2_auto"]
+    result.stdout.fnmatch_lines(["*Qwen3-235B::TP8_auto predicted to fail (QuantBlockAlignment) by preflight rule fp8-block-alignment:*--ep 2*"])
+    entry = json.loads((pytester.path / "res/failure_results.json").read_text())["Qwen3-235B::TP8_auto"]
+    assert (entry["status"], entry["rule_ids"]) == ("predicted", "fp8-block-alignment")
+    assert entry["repro_command"].endswith("--moe-config Qwen3-235B::TP8_auto --moe-no-preflight")
+    forced = pytester.runpytest("-s", "--moe-no-preflight", "--moe-results-dir", "res2", "-p", "no:cacheprovider")
+    assert set(_ids(forced)) == {"Qwen3-235B::TP8_auto", "Qwen3-235B::TP8_EP2_auto"} and forced.ret == 0

@@ -1,0 +1,53 @@
+"""Which configs of a run go ahead, which are skipped before boot (and why), and in what order.
+
+Why its own module: the decision is the product's (GPU shortfall, preflight prediction, largest first),
+not pytest's; the collection hook only applies it to items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pytest_moe.gpus import GpuInfo, shortfall_reason
+from pytest_moe.matrix import Matrix, ServerConfig
+from pytest_moe.preflight import Problem, check_config
+
+
+@dataclass(frozen=True)
+class Decision:
+    """``skip_reason`` None means boot it; ``predicted`` holds the preflight problems behind a skip."""
+
+    skip_reason: str | None = None
+    predicted: tuple[Problem, ...] = ()
+
+
+def unknown_config_ids(wanted: Iterable[str], matrix: Matrix | None) -> str | None:
+    """The usage error for ``--moe-config`` ids the matrix does not have, or None."""
+    known = set(matrix.by_id()) if matrix else set()
+    unknown = sorted(set(wanted) - known)
+    if not unknown:
+        return None
+    where = matrix.path if matrix else "any matrix"
+    return f"--moe-config {unknown[0]!r} is not a config of {where} (e.g. {', '.join(sorted(known)[:3])})"
+
+
+def decide(cfg: ServerConfig, host_gpus: list[GpuInfo], preflight: bool) -> Decision:
+    """GPU shortfall first (it needs no model), then preflight against this host's GPUs."""
+    if cfg.gpus_needed:
+        reason = shortfall_reason(cfg.gpus_needed, host_gpus)
+        if reason:
+            return Decision(f"{cfg.id} {reason}")
+    problems = check_config(cfg, host_gpus) if preflight else None
+    if not problems:
+        return Decision()
+    first = problems[0]
+    return Decision(
+        f"{cfg.id} predicted to fail ({first.prevents}) by preflight rule {first.rule_id}: {first.message}",
+        tuple(problems),
+    )
+
+
+def run_order(cfg: ServerConfig | None) -> int:
+    """Sort key: configs needing the most GPUs first, so small ones fill the gaps of a shared node."""
+    return -(cfg.gpus_needed if cfg else 0)
