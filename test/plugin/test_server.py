@@ -137,3 +137,14 @@ def test_secrets_in_the_log_never_reach_the_error_message(tmp_path, monkeypatch)
         srv.__enter__()
     assert "hf_abcdefghijklmnop" in (tmp_path / "s.log").read_text()  # the engine printed it
     assert "hf_abcdefghijklmnop" not in str(info.value)
+
+
+@pytest.mark.parametrize("name, safe", [
+    ("Qwen3-235B::TP8_EP2_auto", "Qwen3-235B_TP8_EP2_auto"),
+    ("../../etc/passwd::TP1_auto", "etc_passwd_TP1_auto"),
+    ("org/model with spaces::TP1", "org_model_with_spaces_TP1"),
+])
+def test_config_ids_are_made_safe_before_they_become_file_names(name, safe):
+    from pytest_moe.runner import safe_name
+
+    assert safe_name(name) == safe
