@@ -229,14 +229,14 @@ def classify(text: str) -> Classification:
     return Classification(FALLBACK_TYPE, _fallback_message(text, rules.cascade), None)
 
 
-def read_log_tail(path: str | os.PathLike[str]) -> str:
-    """The last ``TAIL_BYTES`` of a log as text (undecodable bytes replaced, partial first line dropped).
+def read_log_tail(path: str | os.PathLike[str], max_bytes: int = TAIL_BYTES) -> str:
+    """The last ``max_bytes`` of a log as text (undecodable bytes replaced, partial first line dropped).
 
     Raises ``OSError`` if the file cannot be read: a missing log is the caller's fact to report.
     """
     with open(path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
-        start = max(0, size - TAIL_BYTES)
+        start = max(0, size - max_bytes)
         f.seek(start)
         data = f.read()
     if start:  # we began mid-line (maybe mid-character): drop that partial line

@@ -18,7 +18,7 @@ from pytest_moe import gpus
 from pytest_moe.errors import Classification
 from pytest_moe.matrix import Matrix, MatrixError, ServerConfig, load_matrix
 from pytest_moe.preflight import Problem
-from pytest_moe.report import junit_properties, summary_markdown
+from pytest_moe.report import failure_text, junit_properties, summary_markdown
 from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsStore
 from pytest_moe.runner import INTERRUPTED_TYPE, CellRun, RunOptions, crashed_worker_entry, predicted_entry
 from pytest_moe.selection import decide, run_order, unknown_config_ids
@@ -168,7 +168,7 @@ class MoESession:
             exc = call.excinfo.value if call.excinfo else None
             classification = cell.classify_failure(exc, call.excinfo.exconly() if call.excinfo else str(report.longrepr))
             entry = cell.record_failure(self.store, classification)
-            report.sections.append(("pytest-moe", _failure_text(entry)))
+            report.sections.append(("pytest-moe", failure_text(entry)))
         _apply_known_failure(report, cell.cfg, entry)
         props = [("moe_id", cell.cfg.id), *junit_properties(entry)]
         item.user_properties.extend(props)
@@ -283,15 +283,6 @@ def moe_bench(moe_cell: CellRun, moe_server):
 def _config(item: pytest.Item) -> ServerConfig | None:
     callspec = getattr(item, "callspec", None)
     return callspec.params.get("moe_config") if callspec else None
-
-
-def _failure_text(entry: dict[str, Any]) -> str:
-    return (
-        f"{entry['model']}::{entry['config']} failed: {entry['error_type']}: {entry['error_message']}\n"
-        f"reproduce: {entry['repro_command']}\n"
-        f"server command: {entry.get('server_command') or '(not started)'}\n"
-        f"server log: {entry['log_path']}\n"
-    )
 
 
 def _apply_known_failure(report: pytest.TestReport, cfg: ServerConfig, entry: dict[str, Any]) -> None:

@@ -26,9 +26,6 @@ TABLE_COLUMNS = (
     ("profile (decode)", "profile_decode"),
 )
 
-#: Metric fields carried as JUnit properties (``--junitxml``) and back to the xdist controller.
-METRIC_FIELDS = tuple(field for _, field in TABLE_COLUMNS) + ("output_len", "ttft_s")
-
 _SECRET_NAME = re.compile(r"^(HF_TOKEN|HUGGING_FACE_HUB_TOKEN|.*_API_KEY|.*_TOKEN|.*_SECRET|.*_PASSWORD)$")
 _SECRET_ASSIGN = re.compile(r"\b(HF_TOKEN|[A-Z0-9_]*(?:_API_KEY|_TOKEN|_SECRET|_PASSWORD))=(\S+)")
 _SECRET_FLAG = re.compile(r"(--(?:api-key|hf-token|token)[= ])(\S+)")
@@ -63,6 +60,16 @@ def _cell(value: Any) -> str:
     if isinstance(value, str) and re.fullmatch(r"-?\d+\.\d+", value):
         value = float(value)
     return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def failure_text(entry: dict[str, Any]) -> str:
+    """The lines a failing test's report carries: what failed, the one-line repro, the raw command, the log."""
+    return (
+        f"{entry['model']}::{entry['config']} failed: {entry['error_type']}: {entry['error_message']}\n"
+        f"reproduce: {entry['repro_command']}\n"
+        f"server command: {entry.get('server_command') or '(not started)'}\n"
+        f"server log: {entry['log_path']}\n"
+    )
 
 
 def success_tables(entries: Iterable[dict[str, Any]]) -> str:

@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import psutil
 
 from pytest_moe.engines import Engine
+from pytest_moe.errors import read_log_tail
 from pytest_moe.matrix import ServerConfig
 from pytest_moe.report import redact, shell_line
 
@@ -72,12 +72,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def tail(path: Path, lines: int = _TAIL_LINES) -> str:
-    """Last ``lines`` lines of a log without reading a multi-GB file into memory."""
+    """Last ``lines`` lines of a log without reading a multi-GB file into memory ("" before it exists)."""
     try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 256 * 1024))
-            return "\n".join(deque(fh.read().decode("utf-8", "replace").splitlines(), maxlen=lines))
+        return "\n".join(read_log_tail(path, max_bytes=256 * 1024).splitlines()[-lines:])
     except OSError:
         return ""
 
