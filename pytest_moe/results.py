@@ -51,7 +51,7 @@ class ResultsStore:
             successes, failures = self._read(self.success_path), self._read(self.failure_path)
             successes[key] = {**entry, "last_updated": now_iso()}
             self._write(self.success_path, successes)
-            if failures.pop(key, None) is not None:
+            if failures.pop(key, None) is not None or not self.failure_path.exists():
                 self._write(self.failure_path, failures)
 
     def record_failure(self, key: str, entry: dict[str, Any]) -> None:

@@ -25,6 +25,14 @@ def test_success_removes_failure_and_failure_never_overwrites_success(tmp_path):
     assert set(ok["M::TP4_auto"]) >= {"model", "config", "latency_s", "last_updated"}
 
 
+def test_both_files_exist_after_any_first_record(tmp_path):
+    ResultsStore(tmp_path / "a").record_success("A::TP1_auto", {"model": "A"})
+    ResultsStore(tmp_path / "b").record_failure("B::TP1_auto", {"model": "B"})
+    for d in ("a", "b"):
+        assert json.loads((tmp_path / d / "success_results.json").read_text()) is not None
+        assert json.loads((tmp_path / d / "failure_results.json").read_text()) is not None
+
+
 def test_entries_persist_across_stores(tmp_path):
     ResultsStore(tmp_path).record_success("A::TP1_auto", {"model": "A", "config": "TP1_auto"})
     ResultsStore(tmp_path).record_success("B::TP1_auto", {"model": "B", "config": "TP1_auto"})
