@@ -1,0 +1,58 @@
+"""Score the failure classifier on the real-issue corpus: overall, per type, confusion matrix.
+
+Why a script and not a test: the test part of the corpus is a score to report, never a target to
+tune to (patterns are written looking at dev misses only), so no test asserts on it.
+Usage: python3 scripts/bench_classifier.py [--part test|dev|all] [--misses]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from pytest_moe.corpus import Excerpt, Part, load_corpus
+from pytest_moe.errors import ERROR_TYPES, classify
+
+CORPUS = Path(__file__).resolve().parents[1] / "test" / "plugin" / "data" / "corpus"
+ABBREV = {t: "".join(c for c in t if c.isupper())[:4] or t[:4] for t in ERROR_TYPES}
+
+
+def score(name: str, excerpts: list[Excerpt], show_misses: bool) -> None:
+    results = [(e, classify(e.excerpt)) for e in excerpts]
+    right = sum(e.label == got.error_type for e, got in results)
+    print(f"== {name} part: {len(excerpts)} excerpts, {right} right, accuracy {right / len(excerpts):.1%}")
+    print(f"{'type':22s} {'n':>3s} {'right':>5s} {'acc':>7s}")
+    for t in ERROR_TYPES:
+        mine = [(e, got) for e, got in results if e.label == t]
+        if mine:
+            ok = sum(e.label == got.error_type for e, got in mine)
+            print(f"{t:22s} {len(mine):3d} {ok:5d} {ok / len(mine):7.1%}")
+    confusion = Counter((e.label, got.error_type) for e, got in results)
+    print(f"\nconfusion matrix ({name}): rows = label, columns = predicted")
+    print(" " * 22 + "".join(f"{ABBREV[t]:>5s}" for t in ERROR_TYPES))
+    for t in ERROR_TYPES:
+        print(f"{t:22s}" + "".join(f"{confusion[(t, p)] or '.':>5}" for p in ERROR_TYPES))
+    print("columns: " + ", ".join(f"{ABBREV[t]}={t}" for t in ERROR_TYPES))
+    if show_misses:
+        for e, got in results:
+            if e.label != got.error_type:
+                print(f"MISS {e.url} label={e.label} got={got.error_type} ({got.pattern_id}): {got.message[:120]}")
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["test", "dev", "all"], default="all",
+                        help="which part to score (default: test, then dev labelled as such)")
+    parser.add_argument("--misses", action="store_true", help="list misclassified excerpts (use on dev only)")
+    args = parser.parse_args()
+    corpus = load_corpus(CORPUS)
+    parts = [Part.TEST, Part.DEV] if args.part == "all" else [Part(args.part)]
+    print(f"corpus: {len(corpus)} excerpts in {CORPUS}")
+    for part in parts:
+        score(part.value, [e for e in corpus if e.part is part], args.misses and part is Part.DEV)
+
+
+if __name__ == "__main__":
+    main()
