@@ -3,13 +3,21 @@
 Why a classifier at all: the nightly matrix fails in a few dozen recurring ways, and the person
 reading ``failure_results.json`` needs to see at a glance "OOM at TP=2" or "FP8 block alignment
 at TP=8" instead of scrolling a 4 MiB server log. So each failure gets one type from
-``ERROR_TYPES`` plus the one log line that decided it.
+``ErrorType`` plus the one log line that decided it; a failure no rule knows gets a stable
+``signature`` instead, so the same unknown failure groups across nights and configs.
 
-The patterns are data (``pytest_moe/data/error_patterns.yaml``), each with the real engine message
-it was built from and where that message comes from, because engine wording drifts between
-releases and updating a regex should not mean touching code.
+The patterns are data (``pytest_moe/data/error_patterns.yaml``, read through a strict schema), each
+with the engine that prints it, the releases it was checked against and where the message comes
+from, because wording drifts between engines and releases and updating a regex should not mean
+touching code. How well they hold on logs they were not written from is measured on a corpus of
+real failure excerpts from public issue threads (``scripts/bench_classifier.py``).
 
-Precedence — the root cause wins. A real log is a cascade: the root exception, then
+Real logs first go through ``normalize``: ANSI colour, process prefixes (``(Worker pid=…)``,
+``(EngineCore_DP0 pid=…)``, ``(ApiServer_7 pid=…)``), rank tags (``[… TP3]``, ``[rank0]:``),
+timestamps, container/journald prefixes and box drawing are removed, and a line printed again by
+another rank is dropped (the first copy, the earliest in time, stays). Patterns search that text.
+
+Root cause by precedence, then by time. A real log is a cascade: the root exception, then
 ``EngineDeadError`` / "Received sigquit from a child process", then shutdown noise; NCCL errors on
 every rank follow one rank's OOM; the harness prepends "Server failed to start within the timeout
 period" to whatever the server printed. So:
@@ -17,66 +25,110 @@ period" to whatever the server printed. So:
 * The YAML's ``precedence`` list orders the types; the first type with any match wins. Specific,
   self-explaining configuration errors come first, device faults next, and the generic symptoms
   (``Crash``, then ``Timeout``) last, so they only win when nothing says *why*.
-* Within the winning type, the match that occurs earliest in the text is reported: it is the one
-  closest to the root cause.
-* Nothing matched: ``ServerError``, with the last exception-looking line of the log as message.
-  Lines listed under ``cascade`` in the YAML (EngineDeadError, "See root cause above", ...) are
-  skipped there, because they name a consequence, never the cause.
+* Within the winning type, the match on the earliest line wins: it is the one closest in time to
+  the root cause (ties go to the pattern listed first).
+* ``weak`` patterns (evidence from a traceback frame, e.g. a stack passing through
+  ``ncclCommInitRank`` with the error line cut off) are only tried, in the same order, when no
+  message pattern of any type matched.
+* Nothing matched: ``ServerError``, with the last exception-looking line of the log as message and
+  its ``signature``. Lines listed under ``cascade`` in the YAML (EngineDeadError, "See root cause
+  above", ...) are skipped there, because they name a consequence, never the cause.
 
-Speed: regexes are compiled once per process (``load_rules``); types are tried in precedence order and
-the search stops at the first type that matches, so a 4 MiB log costs a few whole-text regex scans.
+Speed: regexes are compiled once per process (``load_rules``) and must start with a literal so
+CPython's ``re`` can scan for it; normalizing a 4 MiB tail is one pass over its lines.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pytest_moe.datafiles import load_yaml
 
-ERROR_TYPES: tuple[str, ...] = (
-    "OOM",
-    "Timeout",
-    "QuantBlockAlignment",
-    "QuantizationConflict",
-    "UnsupportedBackend",
-    "CudaGraphCapture",
-    "NCCL",
-    "IllegalMemoryAccess",
-    "Crash",
-    "InvalidArgument",
-    "PortInUse",
-    "MissingDependency",
-    "TrustRemoteCode",
-    "ServerError",
-)
-FALLBACK_TYPE = "ServerError"
+
+class ErrorType(str, Enum):
+    """What a failure is; ``SERVER_ERROR`` is the fallback when no rule knows it."""
+
+    OOM = "OOM"
+    TIMEOUT = "Timeout"
+    QUANT_BLOCK_ALIGNMENT = "QuantBlockAlignment"
+    QUANTIZATION_CONFLICT = "QuantizationConflict"
+    UNSUPPORTED_BACKEND = "UnsupportedBackend"
+    CUDA_GRAPH_CAPTURE = "CudaGraphCapture"
+    NCCL = "NCCL"
+    ILLEGAL_MEMORY_ACCESS = "IllegalMemoryAccess"
+    CRASH = "Crash"
+    INVALID_ARGUMENT = "InvalidArgument"
+    PORT_IN_USE = "PortInUse"
+    MISSING_DEPENDENCY = "MissingDependency"
+    TRUST_REMOTE_CODE = "TrustRemoteCode"
+    SERVER_ERROR = "ServerError"
+
+
+#: The type names as the results files and the matrix spell them.
+ERROR_TYPES: tuple[str, ...] = tuple(t.value for t in ErrorType)
+FALLBACK_TYPE = ErrorType.SERVER_ERROR.value
 PATTERNS_FILE = "error_patterns.yaml"
+#: Who prints a message; a pattern names one so per-engine wording stays traceable.
+ENGINES = ("sglang", "vllm", "torch", "nccl", "cuda", "flashinfer", "triton", "transformers", "python", "harness")
 
 #: How much of a server log ``classify_file`` reads: the failure is at the end, and whole logs of
 #: multi-hour runs can be gigabytes.
 TAIL_BYTES = 4 * 1024 * 1024
 #: Longest ``Classification.message``; the report is a table, not a log viewer.
 MAX_MESSAGE_CHARS = 300
+#: Longest ``Classification.signature``: enough to tell failures apart, short enough to group on.
+MAX_SIGNATURE_CHARS = 200
 
-# Prefixes that engines put in front of every line; removed from the reported message only (the
-# patterns search the raw text). ANSI colours (Ray), "(EngineCore_DP0 pid=42) " / "[rank0]: ",
-# vLLM's "ERROR 11-22 08:20:15 [core.py:123] ", SGLang's "[2025-11-22 08:20:15 TP0] ".
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_LINE_PREFIX = re.compile(
-    r"^(?:\([^)]*\bpid=\d+[^)]*\)\s*|\[rank\d+\]:\s*)?"
-    r"(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \[[^\]]*\]\s*"
-    r"|\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[^\]]*\]\s*)?"
+# --- normalization -------------------------------------------------------------------------------
+# ANSI colour, also when a copy-paste lost the ESC byte ("[1;36m(VllmWorker ..." / "1;36m(VllmWorker").
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\[[0-9;]*m(?=\S)|^[0-9;]+m(?=\()")
+# Prefixes engines, launchers and log collectors put in front of a line; stripped repeatedly, since
+# one line can carry several ("[ts] (Worker_TP0 pid=9) ERROR 12-13 11:54:35 [x.py:826] ...").
+_PREFIXES = re.compile(
+    r"""^(?:
+      \s*│\s?                                                   # k9s / rich box drawing
+    | [\w.-]+-\d+\s+\|\s                                        # docker compose: "vllm-1  | "
+    | [A-Z][a-z]{2}\s[\s\d]\d\s\d\d:\d\d:\d\d\s\S+\s[\w./-]+\[\d+\]:\s   # journald: "Aug 17 18:42:18 host vllm[8052]: "
+    | \[?\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z?\]?\s+        # ISO timestamps (CI, k8s): "2024-02-08T08:40:56.16Z "
+    | \d{4}-\d\d-\d\d\s\d\d:\d\d:\d\d(?:[.,]\d+)?\s\|\s\w+\s\|\s(?:\w+\s\|\s)?   # FastChat-style "ts | ERROR | stderr | "
+    | \([^()]*\bpid=\d+[^()]*\)\s?                              # "(VllmWorker rank=7 pid=240) ", "(EngineCore_DP0 pid=1) "
+    | \[[\w.-]+\]:\s                                            # launcher tags: "[vllm]: "
+    | \[rank\d+\]:\s?                                           # torch: "[rank0]: "
+    | \[\d+\]\s(?=\S)                                           # torchrun / tee line tags: "[80746] "
+    | (?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s\d\d-\d\d\s\d\d:\d\d:\d\d(?:\.\d+)?\s(?:\[[^\]]*\]|[\w.]+:\d+\])\s?  # vLLM
+    | \[\d{4}-\d\d-\d\d\s\d\d:\d\d:\d\d[^\]]*\]\s?               # SGLang: "[2025-02-21 22:59:28 TP0] "
+    | \[\d\d-\d\d\s\d\d:\d\d:\d\d[^\]]*\]\s?                     # SGLang diffusion: "[12-16 14:27:08] "
+    | \[[EWIF]\d{0,4}(?:\s\d\d:\d\d:\d\d\.\d+)?\s[\w.]+:\d+\]\s?  # c10 glog: "[E321 02:07:08.40 ProcessGroupNCCL.cpp:607] "
+    | [IWEF]\d{4}\s\d\d:\d\d:\d\d\.\d+\s+\d+\s[\w.]+:\d+\]\s     # glog: "I0508 20:24:09.727326 152 model.py:284] "
+    | [\w.-]+:\d+:\d+\s\[\d+\]\s(?=\S)                          # NCCL: "host:pid:tid [dev] "
+    )""",
+    re.VERBOSE,
 )
+_TRAILING_BOX = re.compile(r"\s*│\s*$")
+
+# --- fallback message and signature ------------------------------------------------------------
 # Fallback message tiers: a Python exception line, else a line saying error/failed/fatal. The
 # needles find candidate lines with str.rfind (fast); the regex then confirms the candidate.
 _EXCEPTION_NEEDLES = ("Error", "Exception", "Interrupt")
 _EXCEPTION_LINE = re.compile(r"\w(?:Error|Exception|Interrupt)\b")
 _ERRORISH_NEEDLES = ("error", "Error", "ERROR", "failed", "Failed", "FAILED", "fatal", "Fatal", "FATAL")
 _ERRORISH_LINE = re.compile(r"(?i)\b(?:error|failed|fatal)\b")
+# What differs between two runs of the same failure: paths, hex ids, addresses, numbers.
+_SIGNATURE_PARTS = (
+    (re.compile(r"(?:[A-Za-z]:)?(?:~|\.{1,2})?(?:[/\\][\w.@+-]+){2,}[/\\]?"), "<path>"),
+    (re.compile(r"\b0x[0-9a-fA-F]+\b"), "<hex>"),
+    (re.compile(r"\b(?=[0-9a-fA-F-]*\d)[0-9a-fA-F]{6,}(?:-[0-9a-fA-F]{4,})*\b"), "<hex>"),
+    (re.compile(r"\d+(?:\.\d+)*"), "<n>"),
+    (re.compile(r"\s+"), " "),
+)
 # A regex must start with a literal character (not a metacharacter, not \\b-like escapes, and not
 # made optional by a quantifier): see _check_fast.
 _LITERAL_START = re.compile(r"(?:[^\\^$.|?*+()\[{]|\\[^\w])(?![?*{])")
@@ -88,11 +140,16 @@ class ErrorPatternsError(ValueError):
 
 @dataclass(frozen=True)
 class Classification:
-    """What went wrong, for the report: a type, the deciding line, and the rule that decided it."""
+    """What went wrong, for the report: a type, the deciding line, the rule that decided it.
+
+    ``signature`` is set only for the fallback type: the deciding line with everything that
+    changes from run to run removed, so unknown failures can be grouped.
+    """
 
     error_type: str
     message: str
     pattern_id: str | None
+    signature: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,11 +161,14 @@ class Pattern:
     regexes: tuple[re.Pattern[str], ...]
     source: str
     example: str
+    engine: str = "python"
+    releases: str = ""
+    weak: bool = False
 
     def earliest(self, text: str) -> int | None:
-        """Offset of this rule's first match in ``text``, or None."""
+        """Offset of the start of the first line this rule matches in ``text``, or None."""
         starts = [m.start() for rx in self.regexes if (m := rx.search(text))]
-        return min(starts, default=None)
+        return text.rfind("\n", 0, min(starts)) + 1 if starts else None
 
 
 @dataclass(frozen=True)
@@ -119,9 +179,36 @@ class Rules:
     patterns: tuple[Pattern, ...]
     cascade: tuple[Pattern, ...]
 
-    def of_type(self, error_type: str) -> tuple[Pattern, ...]:
-        """The patterns of one type, in file order."""
-        return tuple(p for p in self.patterns if p.error_type == error_type)
+    def of_type(self, error_type: str, *, weak: bool = False) -> tuple[Pattern, ...]:
+        """The message (or, with ``weak``, the traceback-frame) patterns of one type, in file order."""
+        return tuple(p for p in self.patterns if p.error_type == error_type and p.weak is weak)
+
+
+# --- the YAML schema ---------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _CascadeSpec(_Strict):
+    id: str = Field(min_length=1)
+    regex: str | list[str]
+    source: str = Field(min_length=1)
+    example: str = Field(min_length=1)
+
+
+class _PatternSpec(_CascadeSpec):
+    error_type: str
+    engine: Literal[ENGINES]  # type: ignore[valid-type]
+    releases: str = Field("", description="engine releases the wording was checked against")
+    weak: bool = False
+
+    @field_validator("error_type")
+    @classmethod
+    def _typed(cls, value: str) -> str:
+        typed = [t for t in ERROR_TYPES if t != FALLBACK_TYPE]
+        if value not in typed:
+            raise ValueError(f"error_type {value!r} is not one of {', '.join(typed)}")
+        return value
 
 
 def _check_fast(regex: str) -> str | None:
@@ -159,8 +246,8 @@ def parse_rules(data: Any, source: str = PATTERNS_FILE) -> Rules:
     def fail(where: str, problem: str) -> ErrorPatternsError:
         return ErrorPatternsError(f"{source}: {where}: {problem}.")
 
-    if not isinstance(data, dict):
-        raise fail("top level", "expected a mapping with 'precedence', 'patterns' and 'cascade'")
+    if not isinstance(data, dict) or set(data) - {"precedence", "patterns", "cascade"}:
+        raise fail("top level", "expected a mapping with only 'precedence', 'patterns' and 'cascade'")
     typed = tuple(t for t in ERROR_TYPES if t != FALLBACK_TYPE)
     precedence = data.get("precedence")
     if not isinstance(precedence, list) or sorted(map(str, precedence)) != sorted(typed):
@@ -179,21 +266,14 @@ def parse_rules(data: Any, source: str = PATTERNS_FILE) -> Rules:
         if pid in seen:
             raise fail(where, "duplicate id")
         seen.add(pid)
-        if section == "cascade":
-            if "error_type" in entry:
-                raise fail(where, "cascade lines have no error_type")
-            error_type = FALLBACK_TYPE
-        else:
-            error_type = entry.get("error_type")
-            if error_type not in typed:
-                raise fail(where, f"error_type {error_type!r} is not one of {', '.join(typed)}")
-        raw = entry.get("regex")
-        raw_list = [raw] if isinstance(raw, str) else raw
-        if not isinstance(raw_list, list) or not raw_list or not all(isinstance(r, str) and r for r in raw_list):
+        schema = _CascadeSpec if section == "cascade" else _PatternSpec
+        try:
+            spec = schema.model_validate(entry)
+        except ValidationError as exc:
+            raise fail(where, _describe(exc, section)) from None
+        raw_list = [spec.regex] if isinstance(spec.regex, str) else spec.regex
+        if not raw_list or not all(raw_list):
             raise fail(where, "'regex' must be a non-empty string or list of strings")
-        for key in ("source", "example"):
-            if not isinstance(entry.get(key), str) or not entry[key].strip():
-                raise fail(where, f"missing '{key}'")
         try:
             regexes = tuple(re.compile(r, re.MULTILINE) for r in raw_list)
         except re.error as exc:
@@ -201,7 +281,9 @@ def parse_rules(data: Any, source: str = PATTERNS_FILE) -> Rules:
         for r in raw_list:
             if slow := _check_fast(r):
                 raise fail(where, f"regex {r!r} {slow}")
-        return Pattern(pid, error_type, regexes, entry["source"], entry["example"])
+        if isinstance(spec, _PatternSpec):
+            return Pattern(pid, spec.error_type, regexes, spec.source, spec.example, spec.engine, spec.releases, spec.weak)
+        return Pattern(pid, FALLBACK_TYPE, regexes, spec.source, spec.example)
 
     parsed: dict[str, tuple[Pattern, ...]] = {}
     for section in ("patterns", "cascade"):
@@ -212,21 +294,80 @@ def parse_rules(data: Any, source: str = PATTERNS_FILE) -> Rules:
     return Rules(tuple(precedence), parsed["patterns"], parsed["cascade"])
 
 
+def _describe(exc: ValidationError, section: str) -> str:
+    """The first schema error as the clause after "pattern 'id': "."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "entry"
+    if err["type"] == "extra_forbidden":
+        if section == "cascade" and field == "error_type":
+            return "cascade lines have no error_type"
+        allowed = _CascadeSpec.model_fields if section == "cascade" else _PatternSpec.model_fields
+        return f"unknown key {field!r} (allowed: {', '.join(allowed)})"
+    if err["type"] == "missing":
+        return f"missing {field!r}"
+    if field == "error_type" and err["type"] == "value_error":
+        return str(err["ctx"]["error"])
+    return f"{field}: {err['msg']}"
+
+
 @lru_cache(maxsize=None)
 def load_rules() -> Rules:
     """The packaged rules, validated and compiled once per process."""
     return parse_rules(load_yaml(PATTERNS_FILE), f"pytest_moe/data/{PATTERNS_FILE}")
 
 
+# --- classifying -------------------------------------------------------------------------------
+def normalize(text: str) -> str:
+    """The log with colour, process/rank prefixes and timestamps removed and rank duplicates dropped.
+
+    A line printed again (by another rank, or by a relaunch) is dropped: the first copy is the
+    earliest in time, and keeping it contiguous with its own neighbours de-interleaves the ranks'
+    tracebacks. Blank lines are kept once in a row.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    for raw in text.splitlines():
+        line = _ANSI.sub("", raw)
+        while (m := _PREFIXES.match(line)) and m.end() > 0:
+            line = line[m.end():]
+        line = _TRAILING_BOX.sub("", line).rstrip()
+        if not line.strip():
+            if out and out[-1]:
+                out.append("")
+            continue
+        if line in seen:
+            continue
+        seen.add(line)
+        out.append(line)
+    return "\n".join(out)
+
+
 def classify(text: str) -> Classification:
     """Classify a failure from its log text (harness lines, server stdout/stderr, tracebacks)."""
     rules = load_rules()
-    for error_type in rules.precedence:
-        hits = [(pos, p) for p in rules.of_type(error_type) if (pos := p.earliest(text)) is not None]
-        if hits:
-            pos, pattern = min(hits, key=lambda hit: hit[0])
-            return Classification(error_type, _message(_line_at(text, pos)), pattern.id)
-    return Classification(FALLBACK_TYPE, _fallback_message(text, rules.cascade), None)
+    clean = normalize(text)
+    for weak in (False, True):
+        for error_type in rules.precedence:
+            hits = [(pos, i, p) for i, p in enumerate(rules.of_type(error_type, weak=weak))
+                    if (pos := p.earliest(clean)) is not None]
+            if hits:
+                pos, _, pattern = min(hits, key=lambda hit: hit[:2])
+                return Classification(error_type, _message(_line_at(clean, pos)), pattern.id)
+    message = _fallback_message(clean, rules.cascade)
+    return Classification(FALLBACK_TYPE, message, None, signature(message))
+
+
+def signature(message: str) -> str:
+    """``message`` without what differs between runs of the same failure (paths, ids, numbers).
+
+    Two configs that fail the same unknown way on two nights get the same signature, so the
+    history can group them although no rule names the failure.
+    """
+    text = message
+    for rx, repl in _SIGNATURE_PARTS:
+        text = rx.sub(repl, text)
+    text = text.strip()
+    return text if len(text) <= MAX_SIGNATURE_CHARS else text[: MAX_SIGNATURE_CHARS - 1] + "…"
 
 
 def read_log_tail(path: str | os.PathLike[str], max_bytes: int = TAIL_BYTES) -> str:
@@ -256,9 +397,8 @@ def _line_at(text: str, pos: int) -> str:
 
 
 def _message(line: str) -> str:
-    """One line for humans: colours and engine log prefixes removed, at most MAX_MESSAGE_CHARS."""
-    line = _ANSI.sub("", line).strip()
-    line = _LINE_PREFIX.sub("", line, count=1).strip() or line
+    """One line for humans: stripped, at most MAX_MESSAGE_CHARS (the text is already normalized)."""
+    line = line.strip()
     return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 1] + "…"
 
 

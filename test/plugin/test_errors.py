@@ -1,5 +1,8 @@
 """Tests for pytest_moe.errors: real engine messages land on the right type, the root cause wins.
 
+The corpus of real issue excerpts is used here through its *dev* part only (the part patterns are
+written from); its test part is a score printed by scripts/bench_classifier.py, never asserted on.
+
 The messages are the ones SGLang / vLLM / PyTorch / NCCL / transformers really print (see
 docs/errors.md and the `source` of each YAML pattern); the logs under data/logs are trimmed
 copies of real failure cascades.
@@ -14,10 +17,12 @@ import pytest
 import yaml
 
 from pytest_moe import errors
+from pytest_moe.corpus import CorpusError, Part, load_corpus, part_of
 from pytest_moe.datafiles import load_yaml
-from pytest_moe.errors import ERROR_TYPES, Classification, ErrorPatternsError, classify, classify_file
+from pytest_moe.errors import ERROR_TYPES, Classification, ErrorPatternsError, classify, classify_file, normalize
 
 LOGS = Path(__file__).parent / "data" / "logs"
+CORPUS = Path(__file__).parent / "data" / "corpus"
 RULES = errors.load_rules()
 HARNESS_TIMEOUT = "TimeoutError: Server failed to start within the timeout period (2000 s)."
 
@@ -34,7 +39,8 @@ def test_every_pattern_example_classifies_to_its_own_type(pattern: errors.Patter
 
 @pytest.mark.parametrize("pattern", RULES.cascade, ids=lambda p: p.id)
 def test_cascade_lines_are_never_a_type_of_their_own(pattern: errors.Pattern) -> None:
-    assert classify(pattern.example) == Classification("ServerError", pattern.example, None)
+    got = classify(pattern.example)
+    assert (got.error_type, got.message, got.pattern_id) == ("ServerError", pattern.example, None)
 
 
 def test_every_type_but_the_fallback_has_patterns() -> None:
@@ -219,7 +225,12 @@ def test_within_a_type_the_earliest_line_is_reported() -> None:
 
 def test_unrecognised_root_cause_reports_the_root_exception_not_the_cascade() -> None:
     got = classify_file(LOGS / "vllm_unrecognised_root_cause.log")
-    assert got == Classification("ServerError", "KeyError: 'model.layers.1.mlp.experts.w13_weight_scale_inv'", None)
+    assert got == Classification(
+        "ServerError",
+        "KeyError: 'model.layers.1.mlp.experts.w13_weight_scale_inv'",
+        None,
+        "KeyError: 'model.layers.<n>.mlp.experts.w<n>_weight_scale_inv'",
+    )
 
 
 def test_fallback_prefers_an_error_line_then_the_last_line() -> None:
@@ -267,7 +278,7 @@ def test_big_log_without_a_known_pattern_uses_the_fallback(tmp_path: Path) -> No
     start = time.perf_counter()
     got = classify_file(log)
     print(f"fallback on 4 MiB: {(time.perf_counter() - start) * 1000:.1f} ms")
-    assert got == Classification("ServerError", "AssertionError: expert map mismatch", None)
+    assert got == Classification("ServerError", "AssertionError: expert map mismatch", None, "AssertionError: expert map mismatch")
 
 
 # --- bad YAML is reported clearly ----------------------------------------------------------
@@ -297,3 +308,144 @@ def test_bad_yaml_names_file_and_pattern(mutate, match: str) -> None:
     mutate(data)
     with pytest.raises(ErrorPatternsError, match=match):
         errors.parse_rules(data, "x.yaml")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda d: d["patterns"][0].pop("engine"), r"pattern 'sglang-moe-tp-block-size': missing 'engine'"),
+        (lambda d: d["patterns"][0].update(engine="tensorrt"), r"pattern 'sglang-moe-tp-block-size': engine: Input should be"),
+        (lambda d: d["patterns"][0].update(weak="yes"), r"pattern 'sglang-moe-tp-block-size': weak: Input should be a valid boolean"),
+        (lambda d: d["patterns"][0].update(colour="red"), r"pattern 'sglang-moe-tp-block-size': unknown key 'colour' \(allowed: id, regex"),
+        (lambda d: d.update(extra=[]), r"x.yaml: top level: expected a mapping with only"),
+    ],
+)
+def test_pattern_schema_is_strict(mutate, match: str) -> None:
+    data = _data()
+    mutate(data)
+    with pytest.raises(ErrorPatternsError, match=match):
+        errors.parse_rules(data, "x.yaml")
+
+
+# --- real logs: prefixes, ranks, wrapping ------------------------------------------------------
+
+
+def test_normalize_strips_engine_launcher_and_collector_prefixes() -> None:
+    raw = "\n".join([
+        "\x1b[36m(EngineCore_DP0 pid=65064)\x1b[0m ERROR 01-08 11:19:33 [core.py:866] Traceback (most recent call last):",
+        "(VllmWorker rank=7 pid=240)   File \"x.py\", line 1, in f",
+        "[2025-12-13T19:54:35Z] (Worker_TP0 pid=9260) ERROR 12-13 11:54:35 [multiproc_executor.py:826] RuntimeError: a",
+        "[2025-02-21 22:59:28 TP3] Scheduler hit an exception: b",
+        "vllm-1  | ERROR 11-18 18:07:28 engine.py:366] ValueError: c",
+        "Aug 17 18:42:18 vllm vllm[8052]: (APIServer pid=8052) KeyError: d",
+        "[rank0]:[E321 02:07:08.408271257 ProcessGroupNCCL.cpp:607] [Rank 0] e",
+        "1;36m(VllmWorker rank=5 pid=33503) ERROR 03-06 06:49:30 [multiproc_executor.py:375] f",
+        "│ ERROR 09-27 06:46:46 engine.py:157] g    │",
+        "ts-worker-6:56890:56890 [0] enqueue.cc:267 NCCL WARN h",
+    ])
+    assert normalize(raw).splitlines() == [
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in f',
+        "RuntimeError: a",
+        "Scheduler hit an exception: b",
+        "ValueError: c",
+        "KeyError: d",
+        "[Rank 0] e",
+        "f",
+        "g",
+        "enqueue.cc:267 NCCL WARN h",
+    ]
+
+
+def test_normalize_keeps_the_first_copy_of_lines_every_rank_prints() -> None:
+    ranks = [f"(VllmWorker rank={r} pid={100 + r}) ERROR 05-21 09:27:46 [x.py:1] " for r in range(8)]
+    raw = "\n".join(prefix + line for line in ("Traceback (most recent call last):", "OSError: boom") for prefix in ranks)
+    assert normalize(raw) == "Traceback (most recent call last):\nOSError: boom"
+
+
+def test_a_wrapped_line_still_matches() -> None:
+    text = "ValueError: The output_size of gate's and up's weight = 192 is not divisible\nby weight quantization block_n = 128."
+    assert classify(text).error_type == "QuantBlockAlignment"
+
+
+def test_a_capture_error_reported_by_nccl_is_a_capture_failure() -> None:
+    text = "host:1:1 [0] enqueue.cc:267 NCCL WARN Cuda failure 'dependency created on uncaptured work in another stream'"
+    assert classify(text).error_type == "CudaGraphCapture"
+    assert classify("host:1:1 [0] transport/nvls.cc:621 NCCL WARN Cuda failure 1 'invalid argument'").error_type == "NCCL"
+
+
+def test_a_traceback_frame_is_weaker_than_any_message() -> None:
+    frame = '  File "pynccl.py", line 99, in __init__\n    self.comm: ncclComm_t = self.nccl.ncclCommInitRank(\n'
+    assert classify(frame).error_type == "NCCL"
+    assert classify(frame).pattern_id == "nccl-init-frame"
+    # a real message of a type listed after NCCL still beats the frame evidence
+    assert classify(frame + "Fatal Python error: Segmentation fault\n").error_type == "Crash"
+    assert classify(frame + "TimeoutError: RPC call to init_device timed out.\n").error_type == "Timeout"
+
+
+# --- signatures of unknown failures --------------------------------------------------------------
+
+
+def test_the_same_unknown_failure_gets_the_same_signature_across_runs() -> None:
+    first = classify(
+        "[2026-11-20 01:02:03 TP0] Scheduler hit an exception: Traceback (most recent call last):\n"
+        '  File "/opt/venv/lib/python3.12/site-packages/sglang/srt/x.py", line 12, in f\n'
+        "RuntimeError: expert 17 of layer 3 has no owner at 0x7f3b6e7236fc (/tmp/run-ab12cd/expert_map.json)\n"
+    )
+    second = classify(
+        "(EngineCore_DP0 pid=4242) ERROR 11-21 04:05:06 [core.py:1] "
+        "RuntimeError: expert 5 of layer 11 has no owner at 0x55a51966cc80 (/home/ci/work/run-ff0099/expert_map.json)\n"
+    )
+    assert first.error_type == second.error_type == "ServerError"
+    assert first.signature == second.signature == "RuntimeError: expert <n> of layer <n> has no owner at <hex> (<path>)"
+    other = classify("RuntimeError: router weights are NaN\n")
+    assert other.signature != first.signature
+
+
+def test_known_types_carry_no_signature() -> None:
+    assert classify("torch.OutOfMemoryError: CUDA out of memory.").signature is None
+
+
+# --- the corpus: schema, the fixed split, the dev part ------------------------------------------
+
+
+def test_corpus_split_is_a_function_of_the_link_alone() -> None:
+    corpus = load_corpus(CORPUS)
+    assert len(corpus) >= 150
+    for excerpt in corpus:
+        assert excerpt.part is part_of(excerpt.url)
+    parts = {p: sum(e.part is p for e in corpus) for p in Part}
+    assert 0.45 < parts[Part.DEV] / len(corpus) < 0.75
+
+
+def test_corpus_has_at_least_six_excerpts_of_every_type() -> None:
+    corpus = load_corpus(CORPUS)
+    for error_type in ERROR_TYPES:
+        assert sum(e.label == error_type for e in corpus) >= 6, error_type
+
+
+@pytest.mark.parametrize(
+    "excerpt", [e for e in load_corpus(CORPUS) if e.part is Part.DEV], ids=lambda e: e.url.removeprefix("https://github.com/")
+)
+def test_dev_corpus_excerpt(excerpt) -> None:
+    assert classify(excerpt.excerpt).error_type == excerpt.label
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("- {url: 'https://example.com/x', label: OOM, excerpt: x}\n", r"bad.yaml: entry 0 \(url\): String should match pattern"),
+        ("- {url: 'https://github.com/a/b/issues/1', label: Melted, excerpt: x}\n", r"entry 0 \(label\): Value error, label 'Melted'"),
+        ("- {url: 'https://github.com/a/b/issues/1', label: OOM, excerpt: x, note: y}\n", r"entry 0 \(note\): Extra inputs"),
+        ("{url: x}\n", r"bad.yaml: expected a list"),
+        (
+            "- {url: 'https://github.com/a/b/issues/1', label: OOM, excerpt: x}\n"
+            "- {url: 'https://github.com/a/b/issues/1', label: OOM, excerpt: y}\n",
+            r"entry 1: https://github.com/a/b/issues/1 is already in bad.yaml",
+        ),
+    ],
+)
+def test_bad_corpus_entries_are_named(tmp_path: Path, text: str, match: str) -> None:
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(CorpusError, match=match):
+        load_corpus(tmp_path)
