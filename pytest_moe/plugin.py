@@ -20,6 +20,7 @@ from pytest_moe.matrix import Matrix, MatrixError, ServerConfig, load_matrix
 from pytest_moe.preflight import Problem
 from pytest_moe.report import failure_text, junit_properties, summary_markdown
 from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsStore
+from pytest_moe.retries import retries_option
 from pytest_moe.runner import INTERRUPTED_TYPE, CellRun, RunOptions, crashed_worker_entry, predicted_entry
 from pytest_moe.selection import decide, run_order, unknown_config_ids
 from pytest_moe.server import kill_tree
@@ -55,6 +56,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="boot configs that preflight predicts to fail (to check a rule against the engine)")
     group.addoption("--moe-progress-interval", metavar="S", type=float, default=30.0,
                     help="seconds between progress lines while a server loads (default: 30)")
+    group.addoption("--moe-retries", metavar="N", type=retries_option, default=None,
+                    help="retries of a failed launch, for the types the retry policy retries (default: the policy's)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -92,6 +95,7 @@ class MoESession:
             cooldown_s=opt.moe_cooldown,
             grace_s=opt.moe_grace,
             progress_interval_s=opt.moe_progress_interval,
+            retries=opt.moe_retries,
         )
 
     # -- signals: a cancelled CI job sends SIGTERM; turn it into an interrupt so teardown runs ------

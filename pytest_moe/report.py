@@ -82,11 +82,21 @@ def success_tables(entries: Iterable[dict[str, Any]]) -> str:
         header = "| config | " + " | ".join(title for title, _ in TABLE_COLUMNS) + " |"
         rule = "|" + "---|" * (len(TABLE_COLUMNS) + 1)
         rows = [
-            "| " + " | ".join([entry["config"], *(_cell(entry.get(field)) for _, field in TABLE_COLUMNS)]) + " |"
+            "| " + " | ".join([_config_cell(entry), *(_cell(entry.get(field)) for _, field in TABLE_COLUMNS)]) + " |"
             for entry in sorted(by_model[model], key=lambda e: e["config"])
         ]
         blocks.append("\n".join([f"### {model}", "", header, rule, *rows]))
     return "\n\n".join(blocks)
+
+
+def _is_flaky(entry: dict[str, Any]) -> bool:
+    """Passed only on a retry (``flaky`` arrives as the string "True" from xdist workers)."""
+    return entry.get("flaky") in (True, "True")
+
+
+def _config_cell(entry: dict[str, Any]) -> str:
+    """The config name, marked when it passed only on a retry, with what failed the first time."""
+    return f"{entry['config']} (flaky: {entry.get('first_attempt_error_type')})" if _is_flaky(entry) else entry["config"]
 
 
 def failure_table(entries: Iterable[dict[str, Any]]) -> str:
@@ -110,6 +120,7 @@ def summary_markdown(successes: list[dict[str, Any]], failures: list[dict[str, A
     notes = [f"{n} {label}" for label, n in (
         ("predicted by preflight, not booted", sum(1 for f in failures if f.get("status") == "predicted")),
         ("known failures", sum(1 for f in failures if f.get("status") == "xfailed")),
+        ("flaky", sum(1 for s in successes if _is_flaky(s))),
     ) if n]
     head = f"## pytest-moe: {len(successes)} succeeded, {len(failures)} failed" + (f" ({', '.join(notes)})" if notes else "")
     parts = [head]

@@ -21,6 +21,7 @@ from pytest_moe.matrix import ServerConfig
 from pytest_moe.preflight import Problem
 from pytest_moe.report import redact, repro_command, shell_line
 from pytest_moe.results import ResultsStore
+from pytest_moe.retries import Attempt, entry_fields, retry_launch
 from pytest_moe.server import Progress, Server, ServerError
 from pytest_moe.tiny import TINY_PREFIX, resolve_model_path
 
@@ -31,8 +32,6 @@ SEED_COOLDOWN_S = 5.0
 INTERRUPTED_TYPE = "ServerError"
 #: Port shown in commands that were never launched (SGLang's default); a real launch picks a free one.
 LIST_PORT = 30000
-#: Launch attempts when the port turns out to be taken at bind time.
-PORT_ATTEMPTS = 3
 #: pytest-timeout's failure text (``signal`` method): a harness-level timeout, whatever the log says.
 _PYTEST_TIMEOUT = re.compile(r"^Failed: Timeout\b")
 
@@ -50,6 +49,8 @@ class RunOptions:
     progress_interval_s: float = 30.0
     memory_timeout_s: float = 120.0
     test_path: str = "test/nightly"
+    #: ``--moe-retries``: replaces the retry policy's counts for this run (None: the policy's own).
+    retries: int | None = None
 
     @property
     def log_dir(self) -> Path:
@@ -79,25 +80,35 @@ class CellRun:
         self._memory_baseline: dict[int, int] | None = None
         #: The entry written for this config, once written (the hook, a timeout or an interrupt may write it).
         self.recorded: dict[str, Any] | None = None
+        #: Launch attempts that failed and were retried (retry policy), oldest first.
+        self.attempts: list[Attempt] = []
 
     # -- running -----------------------------------------------------------------------------------
     def start_server(self) -> Server:
         """Launch and wait for readiness; on any failure the server is already torn down.
 
-        A port taken between our free-port probe and the server's bind (another job, a dying
-        predecessor) is retried on a fresh port, up to ``PORT_ATTEMPTS`` times.
+        A failed launch is retried as the retry policy says for its type (a port taken between our
+        free-port probe and the bind, a download cut off, an NCCL set-up timeout); each failed
+        attempt's log is kept beside the config's log, and the attempt in ``self.attempts``.
         """
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.unlink(missing_ok=True)
         self._memory_baseline = gpus.memory_snapshot(self.gpu_indices) if self.gpu_indices else None
-        for _ in range(PORT_ATTEMPTS - 1):
-            try:
-                return self._launch()
-            except ServerError as exc:
-                if exc.timed_out or classify(exc.log_tail).error_type != "PortInUse":
-                    raise
-                self.progress(f"[pytest-moe] {self.cfg.id}: port {self.server.port} was taken, retrying on another port")
-        return self._launch()
+        server, self.attempts = retry_launch(
+            self._launch,
+            lambda exc: self.classify_failure(exc, str(exc).splitlines()[0]),
+            retryable=ServerError,
+            override=self.opts.retries,
+            on_retry=self._before_retry,
+        )
+        return server
+
+    def _before_retry(self, attempt: Attempt, number: int, allowed: int) -> None:
+        """Keep the failed attempt's log apart, so the next attempt is classified on its own output."""
+        self.log_path.replace(self.log_path.with_suffix(f".attempt{number}.log"))
+        port = f" on port {self.server.port}" if self.server else ""
+        self.progress(f"[pytest-moe] {self.cfg.id}: launch failed{port} ({attempt.error_type}: {attempt.message[:120]}); "
+                      f"retry {number} of {allowed}")
 
     def _launch(self) -> Server:
         self.server = Server(
@@ -161,15 +172,20 @@ class CellRun:
         entry["profile_extend"] = self.profiles.get("extend")
         entry["profile_decode"] = self.profiles.get("decode")
         entry["ready_after_s"] = round(self.server.ready_after_s, 1) if self.server and self.server.ready_after_s else None
+        entry.update(entry_fields(self.attempts, passed=True, scrub=redact))
         return entry
 
     def failure_entry(self, classification: Classification) -> dict[str, Any]:
-        return {
+        entry = {
             **self.base_entry(),
             "error_type": classification.error_type,
             "error_message": redact(classification.message),
             "status": "failed",
         }
+        if classification.signature:
+            entry["signature"] = redact(classification.signature)
+        entry.update(entry_fields(self.attempts, passed=False, scrub=redact))
+        return entry
 
     def record_success(self, store: ResultsStore) -> dict[str, Any]:
         entry = {**self.success_entry(), "status": "success"}

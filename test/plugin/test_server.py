@@ -124,8 +124,8 @@ def test_port_taken_at_bind_time_is_retried_on_another_port(tmp_path, monkeypatc
     srv = cell.start_server()
     try:
         assert srv.port != foreign_server and srv.engine.is_ready(srv.base_url, srv.served_name)
-        assert any(f"port {foreign_server} was taken, retrying on another port" in line for line in lines)
-        assert "Address already in use" in (tmp_path / "logs" / "fake_TP1_auto.log").read_text()
+        assert any(f"launch failed on port {foreign_server} (PortInUse" in line for line in lines)
+        assert "Address already in use" in (tmp_path / "logs" / "fake_TP1_auto.attempt1.log").read_text()
     finally:
         srv.stop()
 

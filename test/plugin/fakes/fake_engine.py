@@ -1,11 +1,14 @@
 """A stand-in OpenAI-style server for lifecycle unit tests (the real engines are tested end to end).
 
 It binds like uvicorn does (SO_REUSEADDR), so a taken port fails with the real
-``OSError: [Errno 98] Address already in use``, and it answers ``/health`` and ``/v1/models``.
+``OSError: [Errno 98] Address already in use``, answers ``/health`` and ``/v1/models``, streams
+``/v1/completions`` (so the benchmark runs against it), and with ``--exit-after``/``--say-file`` fails at
+start-up printing a chosen error line.
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,11 +22,17 @@ parser.add_argument("--tp", default="1")
 parser.add_argument("--exit-after", type=float, default=None, help="exit before ready, with --exit-code")
 parser.add_argument("--exit-code", type=int, default=0)
 parser.add_argument("--ready-after", type=float, default=0.0)
+parser.add_argument("--say-file", default=None,
+                    help="file holding a line printed before exiting with --exit-after ({port} and {pid} are "
+                         "filled in); a file, so the line is not echoed in the command line at the top of the log")
 args, _ = parser.parse_known_args()
 
 print(f"fake engine starting: {' '.join(sys.argv[1:])}", flush=True)
 if args.exit_after is not None:
     time.sleep(args.exit_after)
+    if args.say_file:
+        with open(args.say_file, encoding="utf-8") as fh:
+            print(fh.read().strip().format(port=args.port, pid=os.getpid()), flush=True)
     print("fake engine exiting before it was ready", flush=True)
     sys.exit(args.exit_code)
 started = time.monotonic()
@@ -41,6 +50,18 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        """A streamed /v1/completions of ``max_tokens`` one-letter tokens, so the benchmark can run."""
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        n = int(body.get("max_tokens", 1))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for _ in range(n):
+            self.wfile.write(b'data: {"choices": [{"index": 0, "text": "a"}]}\n\n')
+        self.wfile.write(b'data: {"choices": [], "usage": {"completion_tokens": %d}}\n\n' % n)
+        self.wfile.write(b"data: [DONE]\n\n")
 
     def log_message(self, *a):
         pass

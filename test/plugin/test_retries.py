@@ -1,0 +1,205 @@
+"""Retries by failure type, against the stand-in engine: what is retried, what is not, what is recorded.
+
+The stand-in (fakes/fake_engine.py) binds like uvicorn, so a taken port fails with the real
+``Address already in use``; with ``--exit-after``/``--say-file`` it fails at start-up printing a chosen
+engine message. Each case counts launches from the logs the harness keeps, not from our own code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from pytest_moe import server as server_mod
+from pytest_moe.engines.base import Engine, EngineSpec
+from pytest_moe.errors import Classification
+from pytest_moe.matrix import BenchSpec, ServerConfig
+from pytest_moe.report import junit_properties, summary_markdown
+from pytest_moe.results import ResultsStore
+from pytest_moe.retries import RetryPolicyError, load_policy, parse_policy
+from pytest_moe.runner import CellRun, RunOptions
+from pytest_moe.server import ServerError
+
+FAKE = str(Path(__file__).parent / "fakes" / "fake_engine.py")
+OOM_LINE = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
+# An engine message no pattern knows, with what changes between runs: pid, port, a path, a hex id.
+UNKNOWN_LINE = "RuntimeError: expert map of rank {pid} at /tmp/run-{port}/expert_map.json is stale (handle 0x7f3b{port})"
+
+
+def _engine(*extra: str) -> Engine:
+    return Engine(EngineSpec.from_yaml("fake", {
+        "adapter": "fake", "distributions": [], "launch": [sys.executable, FAKE], "uses_gpus": False,
+        "flags": {"model": "--model", "served_model_name": "--served-model-name", "tp": "--tp", "ep": "--ep",
+                  "quantization": "--quantization", "moe_backend": "--moe-backend", "host": "--host", "port": "--port"},
+        "ep_style": "size", "readiness_path": "/health", "models_path": "/v1/models", "profile": {},
+        "moe_backends": ["auto"], "log_patterns": {"loading": "starting", "http_up": "startup complete"},
+        "args": list(extra),
+    }))
+
+
+def _cfg(name: str = "TP1_auto", tp: int = 1) -> ServerConfig:
+    return ServerConfig(
+        model="fake", name=name, model_path="/m", engine="fake", tp=tp, ep=1, precision="native",
+        quantization=None, moe_backend="auto", args=(), env=(), timeout_s=30, host="127.0.0.1",
+        bench=BenchSpec(batch_size=1, input_len=8, output_len=4, warmup=0), known_failure=None, matrix_path="m.yaml",
+    )
+
+
+def _say(tmp_path: Path, line: str) -> str:
+    """A file holding the engine message the stand-in prints before it exits."""
+    path = tmp_path / "say.txt"
+    path.write_text(line)
+    return str(path)
+
+
+def _cell(tmp_path: Path, monkeypatch, *engine_args: str, name: str = "TP1_auto", retries: int | None = None):
+    monkeypatch.setattr("pytest_moe.runner.get_engine", lambda engine_name: _engine(*engine_args))
+    lines: list[str] = []
+    opts = RunOptions(matrix_path="m.yaml", results_dir=tmp_path, cooldown_s=0, grace_s=2, retries=retries)
+    return CellRun(_cfg(name), opts, lease=None, progress=lines.append), lines
+
+
+class _Foreign(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def taken_port(monkeypatch):
+    """The first port the harness is handed is already held by another job's server."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Foreign)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    real_free_port = server_mod.free_port
+    handed = iter([port])
+    monkeypatch.setattr(server_mod, "free_port", lambda host="127.0.0.1": next(handed, None) or real_free_port(host))
+    yield port
+    httpd.shutdown()
+    httpd.server_close()
+
+
+# --- the policy ---------------------------------------------------------------------------------
+
+
+def test_packaged_policy_has_the_issue_defaults() -> None:
+    policy = load_policy()
+    assert policy.retries_for(Classification("PortInUse", "OSError: [Errno 98] Address already in use", None)) == 1
+    assert policy.retries_for(Classification("NCCL", "Watchdog caught collective operation timeout: WorkNCCL(SeqNum=1)", None)) == 1
+    assert policy.retries_for(Classification("NCCL", "RuntimeError: NCCL error: unhandled cuda error", None)) == 0
+    download = "requests.exceptions.ConnectionError: HTTPSConnectionPool(host='x', port=443): Max retries exceeded"
+    assert policy.retries_for(Classification("ServerError", download, None)) == 1
+    assert policy.retries_for(Classification("ServerError", "KeyError: 'layers.0.w13'", None)) == 0
+    never = ["OOM", "QuantBlockAlignment", "QuantizationConflict", "UnsupportedBackend", "IllegalMemoryAccess",
+             "CudaGraphCapture", "Crash", "InvalidArgument", "MissingDependency", "TrustRemoteCode"]
+    assert sorted(policy.never) == sorted(never)
+    for error_type in never:
+        assert policy.retries_for(Classification(error_type, "x", None), override=5) == 0
+
+
+def test_override_replaces_the_count_of_retried_types_only() -> None:
+    policy = load_policy()
+    port = Classification("PortInUse", "[Errno 98]", None)
+    assert policy.retries_for(port, override=3) == 3
+    assert policy.retries_for(port, override=0) == 0
+    assert policy.retries_for(Classification("Timeout", "Server failed to start", None), override=3) == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"rules": [{"error_type": "Melted", "retries": 1, "why": "w"}]}, r"x.yaml: rules.0.error_type: 'Melted' is not an error type"),
+        ({"rules": [{"error_type": "OOM", "retries": 1, "why": "w"}], "never": ["OOM"]}, r"OOM is listed in 'never' but a rule retries it"),
+        ({"rules": [{"error_type": "NCCL", "retries": 9, "why": "w"}]}, r"rules.0.retries: Input should be less than or equal to 5"),
+        ({"rules": [{"error_type": "NCCL", "retries": 1, "why": "w", "match": "(x"}]}, r"rules.0.match: invalid regex"),
+        ({"rules": [{"error_type": "NCCL", "retries": "1", "why": "w"}]}, r"rules.0.retries: Input should be a valid integer"),
+        ({"rules": [], "sometimes": []}, r"x.yaml: sometimes: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_policy_names_file_and_key(data, match) -> None:
+    with pytest.raises(RetryPolicyError, match=match):
+        parse_policy(data, "x.yaml")
+
+
+def test_moe_retries_option_rejects_bad_counts(pytester) -> None:
+    pytester.makefile(".yaml", model_matrix="models: {}\n")
+    result = pytester.runpytest("--moe-retries", "-1")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*--moe-retries must be between 0 and 5, got -1*"])
+
+
+# --- with the stand-in engine --------------------------------------------------------------------
+
+
+def test_port_clash_at_bind_is_retried_and_the_pass_recorded_flaky(tmp_path, monkeypatch, taken_port) -> None:
+    cell, lines = _cell(tmp_path, monkeypatch)
+    store = ResultsStore(tmp_path)
+    server = cell.start_server()
+    try:
+        assert server.port != taken_port
+        cell.benchmark()
+    finally:
+        server.stop()
+    cell.record_success(store)
+
+    logs = tmp_path / "logs"
+    assert "Address already in use" in (logs / "fake_TP1_auto.attempt1.log").read_text()
+    assert "Address already in use" not in (logs / "fake_TP1_auto.log").read_text()
+    assert any(f"launch failed on port {taken_port} (PortInUse" in line and "retry 1 of 1" in line for line in lines)
+
+    entry = json.loads(store.success_path.read_text())["fake::TP1_auto"]
+    assert entry["status"] == "success" and entry["flaky"] is True and entry["attempts"] == 2
+    assert entry["first_attempt_error_type"] == "PortInUse"
+    assert "ddress already in use" in entry["first_attempt_error_message"]
+    assert ("flaky", "True") in junit_properties(entry)
+    summary = summary_markdown([entry], [])
+    assert "1 flaky" in summary and "| TP1_auto (flaky: PortInUse) |" in summary
+
+
+def test_port_clash_with_retries_off_fails_as_port_in_use(tmp_path, monkeypatch, taken_port) -> None:
+    cell, lines = _cell(tmp_path, monkeypatch, retries=0)
+    with pytest.raises(ServerError) as info:
+        cell.start_server()
+    assert cell.classify_failure(info.value, str(info.value).splitlines()[0]).error_type == "PortInUse"
+    assert not list((tmp_path / "logs").glob("*.attempt*.log")) and not lines
+
+
+@pytest.mark.parametrize("retries", [None, 3])
+def test_oom_is_never_retried(tmp_path, monkeypatch, retries) -> None:
+    cell, lines = _cell(tmp_path, monkeypatch, "--exit-after", "0.1", "--exit-code", "1", "--say-file", _say(tmp_path, OOM_LINE),
+                        retries=retries)
+    with pytest.raises(ServerError) as info:
+        cell.start_server()
+    log = (tmp_path / "logs" / "fake_TP1_auto.log").read_text()
+    assert log.count("fake engine starting") == 1  # one launch
+    assert not list((tmp_path / "logs").glob("*.attempt*.log")) and not lines
+    entry = cell.record_failure(ResultsStore(tmp_path), cell.classify_failure(info.value, str(info.value).splitlines()[0]))
+    assert entry["error_type"] == "OOM" and entry["error_message"].startswith("torch.OutOfMemoryError: CUDA out of memory.")
+    assert "attempts" not in entry and "flaky" not in entry and "signature" not in entry
+
+
+def test_an_unknown_failure_in_two_configs_gets_one_signature(tmp_path, monkeypatch) -> None:
+    store = ResultsStore(tmp_path)
+    entries = []
+    for name in ("TP1_auto", "TP2_auto"):
+        cell, _ = _cell(tmp_path, monkeypatch, "--exit-after", "0.1", "--exit-code", "1",
+                         "--say-file", _say(tmp_path, UNKNOWN_LINE), name=name)
+        with pytest.raises(ServerError) as info:
+            cell.start_server()
+        entries.append(cell.record_failure(store, cell.classify_failure(info.value, str(info.value).splitlines()[0])))
+    first, second = entries
+    assert first["error_type"] == second["error_type"] == "ServerError"
+    assert first["error_message"] != second["error_message"]  # pid and port differ between the two launches
+    assert first["signature"] == second["signature"] == (
+        "RuntimeError: expert map of rank <n> at <path> is stale (handle <hex>)"
+    )
+    recorded = json.loads(store.failure_path.read_text())
+    assert recorded["fake::TP1_auto"]["signature"] == recorded["fake::TP2_auto"]["signature"]
