@@ -5,7 +5,9 @@
 * ``inspect PATH`` — a model's MoE description (from its config.json; never downloads) as JSON;
 * ``preflight --model PATH --tp N ...`` — the verdict for one launch as JSON; exit 0 ok, 1 failure predicted;
 * ``plan --model PATH --gpu H200 --gpus 8`` — every TP/EP/quantization/backend combination and its verdict;
-* ``tiny`` — build the tiny checkpoints of the CPU smoke matrix.
+* ``tiny`` — build the tiny checkpoints of the CPU smoke matrix;
+* ``waivers [--moe-matrix PATH] [--moe-results-dir DIR]`` — every ``known_failures`` waiver with its issue,
+  age, expiry and last outcome; exit 1 when one has expired or no longer fails.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import date
 from collections.abc import Sequence
 
 from pytest_moe.engines import engine_names
@@ -20,8 +23,10 @@ from pytest_moe.errors import classify_file
 from pytest_moe.matrix import MatrixError, load_matrix
 from pytest_moe.models import ModelInspectionError, inspect_model
 from pytest_moe.preflight import LaunchPlan, check, gpu_spec, plan_table, render_plan, verdict
+from pytest_moe.results import DEFAULT_RESULTS_DIR
 from pytest_moe.runner import display_command
 from pytest_moe.tiny import ensure_tiny_model, tiny_model_specs
+from pytest_moe.waivers import NEEDS_ATTENTION, list_waivers, render
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -62,6 +67,13 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_waivers(args: argparse.Namespace) -> int:
+    today = date.today()
+    waivers = list_waivers(load_matrix(args.moe_matrix), args.moe_results_dir)
+    print(render(waivers, today))
+    return NEEDS_ATTENTION if any(w.problem(today) for w in waivers) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pytest_moe", description="pytest-moe command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny", help="build the tiny random-weight MoE checkpoints of the CPU smoke matrix")
     p.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("waivers", help="list known_failures waivers; exit 1 when one expired or no longer fails")
+    p.add_argument("--moe-matrix", default="model_matrix.yaml", metavar="PATH")
+    p.add_argument("--moe-results-dir", default=DEFAULT_RESULTS_DIR, metavar="DIR",
+                   help=f"where the last run's results files are (default: {DEFAULT_RESULTS_DIR})")
+    p.set_defaults(func=cmd_waivers)
     return parser
 
 

@@ -15,6 +15,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -43,10 +44,17 @@ class BenchSpec(_Strict):
 
 
 class KnownFailure(_Strict):
-    """A config expected to fail this way: it xfails on that error type and fails on any other outcome."""
+    """A config expected to fail this way: it xfails on that error type and fails on any other outcome.
+
+    A waiver has an owner and an end (pytest_moe/waivers.py): the ``issue`` tracking the failure and
+    the date it ``expires``, after which it no longer applies; ``added`` dates it for the listing.
+    """
 
     error_type: str
     reason: str
+    issue: str = Field(pattern=r"^https?://\S+$")
+    expires: date
+    added: date | None = None
 
 
 class Defaults(_Strict):

@@ -24,6 +24,7 @@ from pytest_moe.retries import retries_option
 from pytest_moe.runner import INTERRUPTED_TYPE, CellRun, RunOptions, crashed_worker_entry, predicted_entry
 from pytest_moe.selection import decide, run_order, unknown_config_ids
 from pytest_moe.server import kill_tree
+from pytest_moe.waivers import apply_waiver
 
 DEFAULT_MATRIX = "model_matrix.yaml"
 MARKERS = (
@@ -173,7 +174,7 @@ class MoESession:
             classification = cell.classify_failure(exc, call.excinfo.exconly() if call.excinfo else str(report.longrepr))
             entry = cell.record_failure(self.store, classification)
             report.sections.append(("pytest-moe", failure_text(entry)))
-        _apply_known_failure(report, cell.cfg, entry)
+        apply_waiver(report, cell.cfg, entry)
         props = [("moe_id", cell.cfg.id), *junit_properties(entry)]
         item.user_properties.extend(props)
         report.user_properties = list(report.user_properties) + props
@@ -287,22 +288,6 @@ def moe_bench(moe_cell: CellRun, moe_server):
 def _config(item: pytest.Item) -> ServerConfig | None:
     callspec = getattr(item, "callspec", None)
     return callspec.params.get("moe_config") if callspec else None
-
-
-def _apply_known_failure(report: pytest.TestReport, cfg: ServerConfig, entry: dict[str, Any]) -> None:
-    """A matrix ``known_failures`` entry: xfail on that error type, fail loudly when it passes or fails otherwise."""
-    known = cfg.known_failure
-    if known is None or report.when != "call" and report.passed:
-        return
-    if report.failed and entry.get("error_type") == known.error_type:
-        report.outcome = "skipped"
-        report.wasxfail = f"known failure ({known.error_type}): {known.reason}"
-        entry["status"] = "xfailed"
-    elif report.passed:
-        report.outcome = "failed"
-        report.longrepr = f"[XPASS(strict)] {cfg.id} is listed in known_failures ({known.error_type}) but passed: remove it"
-    elif report.failed:
-        report.sections.append(("pytest-moe", f"expected {known.error_type} ({known.reason}), got {entry.get('error_type')}"))
 
 
 def _progress_writer(config: pytest.Config):
