@@ -19,7 +19,8 @@ from pytest_moe.errors import Classification
 from pytest_moe.matrix import Matrix, MatrixError, ServerConfig, load_matrix
 from pytest_moe.preflight import Problem
 from pytest_moe.report import failure_text, junit_properties, summary_markdown
-from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsStore
+from pytest_moe.redact import redact
+from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsError, ResultsStore
 from pytest_moe.runner import INTERRUPTED_TYPE, CellRun, RunOptions, crashed_worker_entry, predicted_entry
 from pytest_moe.selection import decide, run_order, unknown_config_ids
 from pytest_moe.server import kill_tree
@@ -96,6 +97,11 @@ class MoESession:
 
     # -- signals: a cancelled CI job sends SIGTERM; turn it into an interrupt so teardown runs ------
     def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if not hasattr(self.config, "workerinput"):  # the controller checks once, before any server boots
+            try:
+                self.store.check()
+            except ResultsError as exc:
+                raise pytest.UsageError(f"--moe-results-dir: {exc}") from None
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
@@ -169,6 +175,8 @@ class MoESession:
             classification = cell.classify_failure(exc, call.excinfo.exconly() if call.excinfo else str(report.longrepr))
             entry = cell.record_failure(self.store, classification)
             report.sections.append(("pytest-moe", failure_text(entry)))
+            if redact(str(report.longrepr)) != str(report.longrepr):  # JUnit's failure text
+                report.longrepr = redact(str(report.longrepr))
         _apply_known_failure(report, cell.cfg, entry)
         props = [("moe_id", cell.cfg.id), *junit_properties(entry)]
         item.user_properties.extend(props)
@@ -232,11 +240,11 @@ class MoESession:
             self.outcomes.append(props)
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-        if not self.outcomes or hasattr(config, "workerinput"):
+        if hasattr(config, "workerinput") or not (self.outcomes or self._store and self._store.warnings):
             return
         successes = [o for o in self.outcomes if o.get("status") == "success"]
         failures = [o for o in self.outcomes if o.get("status") != "success"]
-        text = summary_markdown(successes, failures)
+        text = summary_markdown(successes, failures) + "".join(f"\n> warning: {w}\n" for w in self.store.warnings)
         terminalreporter.section("pytest-moe results")
         terminalreporter.write(text)
         terminalreporter.write_line(f"results: {self.store.success_path} and {self.store.failure_path}")

@@ -19,7 +19,8 @@ from pytest_moe.engines import get_engine
 from pytest_moe.errors import Classification, classify, read_log_tail
 from pytest_moe.matrix import ServerConfig
 from pytest_moe.preflight import Problem
-from pytest_moe.report import redact, repro_command, shell_line
+from pytest_moe.redact import redact
+from pytest_moe.report import repro_command, shell_line
 from pytest_moe.results import ResultsStore
 from pytest_moe.server import Progress, Server, ServerError
 from pytest_moe.tiny import TINY_PREFIX, resolve_model_path
