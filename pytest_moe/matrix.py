@@ -419,13 +419,16 @@ def file_stem(config_id: str) -> str:
     """A model or config id as a file name (``Qwen3-235B::TP8_EP2_auto`` → ``Qwen3-235B_TP8_EP2_auto``).
 
     Why the hash: ids that differ only in characters a file name cannot hold (``/``, a space, ``::``)
-    would share one log file and overwrite each other's logs; any id that needed more than the
-    ``::`` → ``_`` replacement gets a short hash of the id itself.
+    would share one log file and overwrite each other's logs.  A plain id — one ``::`` between names
+    made of ``A-Za-z0-9._-`` — keeps the seed's readable name; any other gets a short hash of itself.
     """
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", config_id).strip("._") or "config"
-    if stem != config_id.replace("::", "_"):
+    if not _PLAIN_ID.fullmatch(config_id):
         stem += "-" + hashlib.sha256(config_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return stem
+
+
+_PLAIN_ID = re.compile(r"[A-Za-z0-9-][A-Za-z0-9._-]*(::[A-Za-z0-9-][A-Za-z0-9._-]*)?")
 
 
 def _check_file_names(configs: list[ServerConfig], locate: _Locator) -> None:
