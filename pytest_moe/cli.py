@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from pytest_moe.args import bounded_int, fraction
 from pytest_moe.engines import engine_names
 from pytest_moe.errors import classify_file
 from pytest_moe.matrix import MAX_TP, MatrixError, load_matrix
@@ -63,37 +63,6 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     for name in tiny_model_specs():
         print(ensure_tiny_model(name))
     return 0
-
-
-def bounded_int(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type for a whole number in ``[low, high]``.
-
-    Why bounds: ``--tp 0`` divided by zero, ``--tp -1`` and ``--gpus 0`` passed as "ok", and
-    ``plan --gpus 1000000000`` looped for ever; a usage error (exit 2) names the option instead.
-    """
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
-        return value
-
-    parse.__name__ = "whole number"
-    return parse
-
-
-def fraction(text: str) -> float:
-    """A finite number in (0, 1], e.g. ``--mem-fraction 0.85``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1]")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):

@@ -234,10 +234,17 @@ def read_yaml(path: Path, error: type[ValueError]) -> tuple[yaml.Node | None, An
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise error(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
-    loader = _LimitedLoader(text)
+    try:
+        loader = _LimitedLoader(text)
+    except yaml.reader.ReaderError as exc:  # raised while reading the first chunk: NUL, other control bytes
+        line = text[: exc.position].count("\n") + 1
+        raise error(f"{path}:{line}: not valid YAML (character {exc.character:#06x} is not allowed)") from None
     try:
         root = loader.get_single_node()
         return root, loader.construct_document(root) if root is not None else None
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        raise error(f"{path}:{line}: not valid YAML (character {exc.character:#06x} is not allowed)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from pytest_moe import gpus
+from pytest_moe.args import seconds
 from pytest_moe.errors import Classification
 from pytest_moe.matrix import Matrix, MatrixError, ServerConfig, load_matrix
 from pytest_moe.preflight import Problem
@@ -45,16 +46,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run only this config id, e.g. 'Qwen3-235B::TP8_EP2_auto' (repeatable)")
     group.addoption("--moe-results-dir", metavar="DIR", default=DEFAULT_RESULTS_DIR,
                     help=f"where results JSON, logs and traces go (default: {DEFAULT_RESULTS_DIR})")
-    group.addoption("--moe-server-timeout", metavar="S", type=float, default=None,
+    group.addoption("--moe-server-timeout", metavar="S", type=seconds(0, allow_zero=False), default=None,
                     help="server launch timeout in seconds for every config (default: the matrix's, 2000)")
     group.addoption("--moe-profile", action="store_true", help="save extend and decode traces per config")
-    group.addoption("--moe-cooldown", metavar="S", type=float, default=None,
+    group.addoption("--moe-cooldown", metavar="S", type=seconds(), default=None,
                     help="minimum pause after each teardown (default: 0 after an NVML memory wait, else 5)")
-    group.addoption("--moe-grace", metavar="S", type=float, default=10.0,
+    group.addoption("--moe-grace", metavar="S", type=seconds(), default=10.0,
                     help="seconds between SIGTERM and SIGKILL at teardown (default: 10)")
     group.addoption("--moe-no-preflight", action="store_true",
                     help="boot configs that preflight predicts to fail (to check a rule against the engine)")
-    group.addoption("--moe-progress-interval", metavar="S", type=float, default=30.0,
+    group.addoption("--moe-progress-interval", metavar="S", type=seconds(0, allow_zero=False), default=30.0,
                     help="seconds between progress lines while a server loads (default: 30)")
 
 
