@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pytest_moe import cli
@@ -99,14 +99,39 @@ yaml_attacks = st.one_of(
 
 
 @SETTINGS
-@given(edits=st.lists(st.tuples(st.sampled_from(PATHS), hostile_value), min_size=1, max_size=3))
+@example(edits=[(("models", "M", "tp", 0), True)])  # the issue's cases, always among the examples
+@example(edits=[(("models", "M", "tp", 0), "8")])
+@example(edits=[(("models", "M", "tp", 0), 8.0)])
+@example(edits=[(("models", "M", "timeout_s"), float("inf"))])
+@example(edits=[(("models",), {})])
+@given(edits=st.lists(st.tuples(st.sampled_from(PATHS), st.one_of(hostile_scalar, hostile_value)), min_size=1, max_size=3))
 def test_generated_matrices_load_or_give_one_sentence(edits):
     data = json.loads(json.dumps(BASE))
     for path, value in edits:
         with contextlib.suppress(KeyError, IndexError, TypeError):
             _put(data, path, value)
     text = yaml.safe_dump(data, allow_unicode=True)
-    _check_matrix(text.encode("utf-8", "surrogatepass"))
+    loaded = _check_matrix(text.encode("utf-8", "surrogatepass"))
+    coerced = [(path, value) for path, value in _numbers(data) if isinstance(value, (bool, str, float))]
+    assert not (loaded and coerced), f"accepted {coerced} where a number belongs (silent coercion)"
+
+
+NUMERIC = [("defaults", "timeout_s"), ("defaults", "bench", "batch_size"), ("rules", 0, "then", "ep"),
+           ("models", "M", "timeout_s"), ("models", "M", "configs", 0, "ep"), ("models", "M", "configs", 0, "tp")]
+
+
+def _numbers(data):
+    """The values at places that take a whole number (timeouts: any finite number, so floats are fine there)."""
+    for path in NUMERIC + [("models", "M", "tp", i) for i in range(3)]:
+        node = data
+        try:
+            for key in path:
+                node = node[key]
+        except (KeyError, IndexError, TypeError):
+            continue
+        if path[-1] == "timeout_s" and isinstance(node, float) and node == node and abs(node) != float("inf"):
+            continue
+        yield path, node
 
 
 @settings(SETTINGS, max_examples=40)
@@ -115,7 +140,8 @@ def test_generated_yaml_attacks_give_one_sentence(content):
     _check_matrix(content if isinstance(content, bytes) else content.encode())
 
 
-def _check_matrix(content: bytes) -> None:
+def _check_matrix(content: bytes) -> bool:
+    """True when the matrix loaded (and holds only what the contract allows), False on a clean error."""
     with tempfile.TemporaryDirectory() as tmp, _hang_guard():
         path = Path(tmp) / "m.yaml"
         path.write_bytes(content)
@@ -123,11 +149,12 @@ def _check_matrix(content: bytes) -> None:
             matrix = load_matrix(path)
         except MatrixError as exc:
             _assert_one_sentence(str(exc), str(path))
-            return
+            return False
         for cfg in matrix.configs:  # what loads is what the contract promises: strict, bounded, printable
             assert type(cfg.tp) is int and 1 <= cfg.tp <= 1024 and cfg.tp % cfg.ep == 0
             assert 0 < cfg.timeout_s < float("inf")
             assert cfg.id.isprintable()
+        return True
 
 
 # -- config.json ------------------------------------------------------------------------------------
