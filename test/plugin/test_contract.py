@@ -237,3 +237,51 @@ def test_matrix_with_models_differing_only_in_slash_or_space_loads_with_distinct
     with pytest.raises(MatrixError, match="'::'"):
         (tmp_path / "n.yaml").write_text("models:\n  'a::b': {path: a, tp: [1]}\n")
         load_matrix(tmp_path / "n.yaml")
+
+
+def test_secrets_never_reach_terminal_junit_or_results(pytester):
+    """A failure whose text carries a flag value, a bearer token and a URL password, end to end through the plugin."""
+    secrets = ("sk-flag-7f6e5d4c", "tok.bearer.9a8b7c", "p@ss/w0rd")
+    pytester.makepyfile(test_nightly=(
+        "def test_benchmark(moe_config, moe_cell):\n"
+        "    raise RuntimeError('server said: --api_key sk-flag-7f6e5d4c; Authorization: Bearer tok.bearer.9a8b7c; '\n"
+        "                       'fetching https://bot:p@ss/w0rd@hub.example.invalid/m')\n"))
+    (pytester.path / "m.yaml").write_text("defaults: {engine: vllm-cpu}\n" + GOOD)  # no GPU needed: the test runs
+    results = pytester.path / "results"
+    result = pytester.runpytest_inprocess("--moe-matrix", str(pytester.path / "m.yaml"), "--moe-results-dir", str(results),
+                                          "--junitxml", str(pytester.path / "junit.xml"), "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    written = {
+        "terminal": result.stdout.str() + result.stderr.str(),
+        "junit": (pytester.path / "junit.xml").read_text(),
+        "results": (results / "failure_results.json").read_text(),
+    }
+    assert "RuntimeError" in written["junit"] and "M::TP1_auto" in written["results"]
+    for where, text in written.items():
+        for secret in secrets:
+            assert secret not in text, f"{secret} leaked into the {where}"
+
+
+def test_progress_lines_mask_what_we_passed_to_the_server(tmp_path):
+    from pytest_moe.engines import Engine, EngineSpec
+    from pytest_moe.matrix import BenchSpec, ServerConfig
+    from pytest_moe.server import Server
+
+    engine = Engine(EngineSpec.from_yaml("fake", {
+        "adapter": "fake", "distributions": [], "launch": [sys.executable, str(ROOT / "test/plugin/fakes/fake_engine.py")],
+        "uses_gpus": False, "ep_style": "size", "readiness_path": "/health", "models_path": "/v1/models", "profile": {},
+        "flags": {"model": "--model", "served_model_name": "--served-model-name", "tp": "--tp", "ep": "--ep",
+                  "quantization": "--quantization", "moe_backend": "--moe-backend", "host": "--host", "port": "--port"},
+        "moe_backends": ["auto"], "log_patterns": {"loading": "starting", "http_up": "startup complete"},
+        "args": ["--ready-after", "1.5", "--say", "engine config: key=svc-11aa22bb"],
+    }))
+    cfg = ServerConfig(model="fake", name="TP1_auto", model_path="/m", engine="fake", tp=1, ep=1, precision="native",
+                       quantization=None, moe_backend="auto", args=(), env=(("SERVICE_API_KEY", "svc-11aa22bb"),),
+                       timeout_s=30, host="127.0.0.1", bench=BenchSpec(), known_failure=None, matrix_path="m.yaml")
+    lines: list[str] = []
+    server = Server(engine, cfg, model_path="/m", served_name="ours", log_path=tmp_path / "s.log", timeout_s=30,
+                    grace_s=2, progress=lines.append, progress_interval_s=0.2)
+    with server:
+        pass
+    assert any("last log line: engine config: key=***" in line for line in lines), lines
+    assert "svc-11aa22bb" not in (tmp_path / "s.log").read_text()

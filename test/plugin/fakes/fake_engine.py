@@ -19,6 +19,7 @@ parser.add_argument("--tp", default="1")
 parser.add_argument("--exit-after", type=float, default=None, help="exit before ready, with --exit-code")
 parser.add_argument("--exit-code", type=int, default=0)
 parser.add_argument("--ready-after", type=float, default=0.0)
+parser.add_argument("--say", default=None, help="a last log line, as an engine echoing its config would print")
 args, _ = parser.parse_known_args()
 
 print(f"fake engine starting: {' '.join(sys.argv[1:])}", flush=True)
@@ -48,4 +49,6 @@ class Handler(BaseHTTPRequestHandler):
 
 server = ThreadingHTTPServer((args.host, args.port), Handler)
 print("Application startup complete.", flush=True)
+if args.say:
+    print(args.say, flush=True)
 server.serve_forever()
