@@ -98,11 +98,6 @@ class MoESession:
 
     # -- signals: a cancelled CI job sends SIGTERM; turn it into an interrupt so teardown runs ------
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        if not hasattr(self.config, "workerinput"):  # the controller checks once, before any server boots
-            try:
-                self.store.check()
-            except ResultsError as exc:
-                raise pytest.UsageError(f"--moe-results-dir: {exc}") from None
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
@@ -121,8 +116,12 @@ class MoESession:
             return
         try:
             self.config.stash[_MATRIX] = load_matrix(path)
+            if not hasattr(self.config, "workerinput"):  # the controller checks once, before any server boots
+                self.store.check()
         except MatrixError as exc:
             raise pytest.UsageError(str(exc)) from None
+        except ResultsError as exc:
+            raise pytest.UsageError(f"--moe-results-dir: {exc}") from None
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         if "moe_config" not in metafunc.fixturenames:
