@@ -3,7 +3,8 @@
 * ``list [--moe-matrix PATH]`` — one line per config: id, markers, GPUs needed, full server command;
 * ``classify LOGFILE`` — the error type of a server log, the name alone on one line;
 * ``inspect PATH`` — a model's MoE description (from its config.json; never downloads) as JSON;
-* ``preflight --model PATH --tp N ...`` — the verdict for one launch as JSON; exit 0 ok, 1 failure predicted;
+* ``preflight --model PATH --tp N ...`` — the verdict for one launch as JSON; exit 0 ok, 1 failure predicted
+  (2, as for every command, is bad input: one ``error:`` line naming the option or file);
 * ``plan --model PATH --gpu H200 --gpus 8`` — every TP/EP/quantization/backend combination and its verdict;
 * ``tiny`` — build the tiny checkpoints of the CPU smoke matrix;
 * ``waivers [--moe-matrix PATH] [--moe-results-dir DIR]`` — every ``known_failures`` waiver with its issue,
@@ -15,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from datetime import date
 from collections.abc import Sequence
 
+from pytest_moe.args import bounded_int, fraction
 from pytest_moe.engines import engine_names
 from pytest_moe.errors import classify_file
-from pytest_moe.matrix import MatrixError, load_matrix
+from pytest_moe.matrix import MAX_TP, MatrixError, load_matrix
 from pytest_moe.models import ModelInspectionError, inspect_model
 from pytest_moe.preflight import LaunchPlan, check, gpu_spec, plan_table, render_plan, verdict
 from pytest_moe.results import DEFAULT_RESULTS_DIR
@@ -74,8 +77,15 @@ def cmd_waivers(args: argparse.Namespace) -> int:
     return NEEDS_ATTENTION if any(w.problem(today) for w in waivers) else 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is the contract's one ``error:`` line (exit 2), not a usage dump."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pytest_moe", description="pytest-moe command line")
+    parser = _Parser(prog="python -m pytest_moe", description="pytest-moe command line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="print the matrix: id, markers, GPUs needed, server command")
@@ -92,21 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preflight", help="predict whether one launch can work (exit 1 when it cannot)")
     p.add_argument("--model", required=True, metavar="PATH")
-    p.add_argument("--tp", type=int, required=True)
-    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--tp", type=bounded_int(1, MAX_TP), required=True)
+    p.add_argument("--ep", type=bounded_int(1, MAX_TP), default=1)
     p.add_argument("--quantization", default=None)
     p.add_argument("--backend", default=None, help="MoE backend (default: the engine's auto)")
     p.add_argument("--engine", default="sglang", choices=engine_names())
     p.add_argument("--gpu", default=None, help="GPU name, e.g. H200 (default: skip GPU-dependent rules)")
-    p.add_argument("--gpus", type=int, default=None, help="GPUs on the host (default: TP)")
+    p.add_argument("--gpus", type=bounded_int(1, MAX_TP), default=None, help="GPUs on the host (default: TP)")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--mem-fraction", type=float, default=None)
+    p.add_argument("--mem-fraction", type=fraction, default=None)
     p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("plan", help="which TP/EP/quantization/backend combinations pass preflight")
     p.add_argument("--model", required=True, metavar="PATH")
     p.add_argument("--gpu", required=True, help="GPU name, e.g. H200")
-    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpus", type=bounded_int(1, MAX_TP), default=8)
     p.add_argument("--engine", default="sglang", choices=engine_names())
     p.set_defaults(func=cmd_plan)
 
@@ -122,12 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 ok, 1 failure predicted (preflight), 2 bad input: one ``error:`` line, never a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (MatrixError, ModelInspectionError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(str(exc))
+    except KeyError as exc:  # an unknown name looked up in a table (a tiny model, a GPU)
+        return _usage_error(str(exc.args[0]) if exc.args else repr(exc))
     except OSError as exc:
-        print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return 2
+        return _usage_error(f"cannot read {exc.filename}: {exc.strerror or exc}")
+
+
+def _usage_error(message: str) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return 2

@@ -4,6 +4,11 @@ Why validate up front: a typo in the matrix would otherwise surface as a server 
 2000 s model load on an 8-GPU node.  Everything is checked before any test runs, and a bad file stops
 pytest with one sentence naming the file, the line, the key and what is allowed.
 
+Why strict and bounded (docs/contract.md): the matrix is input a user — or a pull request — hands us.
+Types are strict (``tp: "8"``, ``tp: 8.0`` and ``tp: true`` are errors, not TP8 and TP1), numbers are
+finite and bounded, strings carry no control characters, and the file itself is read with a size cap,
+a nesting cap and an alias-expansion cap, so no matrix costs more than milliseconds to reject.
+
 Layering, lowest to highest precedence: ``defaults`` < ``rules`` (in file order; the seed's lore such as
 "TP8 gets EP2" or "FP8 models get --quantization fp8" is written there once) < the model's own entry <
 one of its explicit ``configs``.
@@ -11,36 +16,67 @@ one of its explicit ``configs``.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import types
 import typing
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from pytest_moe.engines import engine_names, get_engine
 from pytest_moe.errors import ERROR_TYPES
+from pytest_moe.tiny import TINY_PREFIX, tiny_model_specs
+
+#: Limits of a matrix file; real matrices are a few KB, a dozen levels deep, with a handful of aliases.
+MAX_MATRIX_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_YAML_ALIASES = 100
+MAX_YAML_NODES = 100_000
+#: Largest TP size accepted (the biggest NVLink domains are 72 GPUs; 1024 leaves room for multi-node).
+MAX_TP = 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class MatrixError(ValueError):
     """The matrix file is malformed; the message is the one sentence shown to the user."""
 
 
+def _printable(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("control characters (newline, tab, NUL, ...) are not allowed")
+    return value
+
+
+def _model_name(value: str) -> str:
+    """Model names become test ids, results keys (``model::config``) and file names."""
+    _printable(value)
+    if not value.strip() or "::" in value or "[" in value or "]" in value:
+        raise ValueError("a model name must be non-empty and hold no '::', '[' or ']'")
+    return value
+
+
+#: A string without control characters (they would break ids, logs and the server's command line).
+Text = Annotated[str, AfterValidator(_printable)]
+ModelName = Annotated[str, AfterValidator(_model_name)]
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class BenchSpec(_Strict):
     """The benchmark shape: batch 1, 4096 in, 512 out in the seeds."""
 
-    batch_size: int = Field(1, gt=0)
-    input_len: int = Field(4096, gt=0)
-    output_len: int = Field(512, gt=0)
-    warmup: int = Field(1, ge=0)
+    batch_size: int = Field(1, gt=0, le=4096)
+    input_len: int = Field(4096, gt=0, le=1 << 20)
+    output_len: int = Field(512, gt=0, le=1 << 20)
+    warmup: int = Field(1, ge=0, le=100)
 
 
 class KnownFailure(_Strict):
@@ -50,20 +86,24 @@ class KnownFailure(_Strict):
     the date it ``expires``, after which it no longer applies; ``added`` dates it for the listing.
     """
 
-    error_type: str
-    reason: str
+    error_type: Text
+    reason: Text
     issue: str = Field(pattern=r"^https?://\S+$")
     expires: date
     added: date | None = None
 
 
+#: Timeouts: positive, finite, at most a week.
+Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
+
+
 class Defaults(_Strict):
-    engine: str = "sglang"
-    timeout_s: float = Field(2000, gt=0)
-    host: str = "127.0.0.1"
-    moe_backends: list[str] = ["auto"]
-    args: list[str] = []
-    env: dict[str, str] = {}
+    engine: Text = "sglang"
+    timeout_s: Seconds = 2000
+    host: Text = "127.0.0.1"
+    moe_backends: list[Text] = Field(["auto"], min_length=1)
+    args: list[Text] = []
+    env: dict[EnvName, Text] = {}
     bench: BenchSpec = BenchSpec()
 
 
@@ -72,20 +112,20 @@ class When(_Strict):
 
     tp: list[int] | None = None
     precision: list[Literal["fp8", "native"]] | None = None
-    engine: list[str] | None = None
-    models: list[str] | None = None
+    engine: list[Text] | None = None
+    models: list[Text] | None = None
 
 
 class Then(_Strict):
-    ep: int | None = Field(None, gt=0)
-    quantization: str | None = None
-    args: list[str] = []
-    timeout_s: float | None = Field(None, gt=0)
+    ep: int | None = Field(None, gt=0, le=MAX_TP)
+    quantization: Text | None = None
+    args: list[Text] = []
+    timeout_s: Seconds | None = None
 
 
 class Rule(_Strict):
-    id: str
-    why: str = ""
+    id: Text
+    why: Text = ""
     when: When
     then: Then
 
@@ -94,30 +134,30 @@ class ExplicitConfig(_Strict):
     """A config spelled out in full, e.g. the TP2+EP2 smoke config that really crashes on CPU."""
 
     tp: int
-    ep: int | None = Field(None, gt=0)
-    moe_backend: str | None = None
-    args: list[str] = []
+    ep: int | None = Field(None, gt=0, le=MAX_TP)
+    moe_backend: Text | None = None
+    args: list[Text] = []
 
 
 class ModelEntry(_Strict):
-    path: str
-    engine: str | None = None
+    path: Text = Field(min_length=1)
+    engine: Text | None = None
     precision: Literal["fp8", "native"] = "native"
-    quantization: str | None = None
+    quantization: Text | None = None
     tp: list[int] = []
-    moe_backends: list[str] | None = None
-    args: list[str] = []
-    env: dict[str, str] = {}
-    timeout_s: float | None = Field(None, gt=0)
+    moe_backends: list[Text] | None = Field(None, min_length=1)
+    args: list[Text] = []
+    env: dict[EnvName, Text] = {}
+    timeout_s: Seconds | None = None
     bench: BenchSpec | None = None
     configs: list[ExplicitConfig] = []
-    known_failures: dict[str, KnownFailure] = {}
+    known_failures: dict[Text, KnownFailure] = {}
 
 
 class MatrixFile(_Strict):
     defaults: Defaults = Defaults()
     rules: list[Rule] = []
-    models: dict[str, ModelEntry]
+    models: dict[ModelName, ModelEntry] = Field(min_length=1)
 
 
 @dataclass(frozen=True)
@@ -174,17 +214,7 @@ def config_name(tp: int, ep: int, backend: str) -> str:
 def load_matrix(path: str | Path) -> Matrix:
     """Read, validate and expand a matrix file; raise ``MatrixError`` with one clear sentence."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise MatrixError(f"cannot read matrix file {path}: {exc.strerror or exc}") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise MatrixError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    root, data = read_yaml(path, MatrixError)
     locate = _Locator(path, root)
     if not isinstance(data, dict):
         raise MatrixError(f"{path}: the matrix must be a mapping with a 'models' key")
@@ -193,7 +223,100 @@ def load_matrix(path: str | Path) -> Matrix:
         parsed = MatrixFile.model_validate(data)
     except ValidationError as exc:
         raise MatrixError(_describe_validation_error(exc, locate)) from None
-    return Matrix(path=path, configs=_expand(parsed, locate))
+    configs = _expand(parsed, locate)
+    _check_file_names(configs, locate)
+    return Matrix(path=path, configs=configs)
+
+
+def read_yaml(path: Path, error: type[ValueError]) -> tuple[yaml.Node | None, Any]:
+    """The node tree (for line numbers) and the data of a YAML file, within the limits above."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_MATRIX_BYTES + 1)
+    except OSError as exc:
+        raise error(f"cannot read matrix file {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_MATRIX_BYTES:
+        raise error(f"{path}: the file is larger than {MAX_MATRIX_BYTES // 1024} KiB, the limit for a matrix")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
+    try:
+        loader = _LimitedLoader(text)
+    except yaml.reader.ReaderError as exc:  # raised while reading the first chunk: NUL, other control bytes
+        line = text[: exc.position].count("\n") + 1
+        raise error(f"{path}:{line}: not valid YAML (character {exc.character:#06x} is not allowed)") from None
+    try:
+        root = loader.get_single_node()
+        return root, loader.construct_document(root) if root is not None else None
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        raise error(f"{path}:{line}: not valid YAML (character {exc.character:#06x} is not allowed)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise error(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    finally:
+        loader.dispose()
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """``SafeLoader`` that stops deep nesting and alias bombs while composing.
+
+    Why a subclass: PyYAML has no limits of its own.  ``safe_load`` builds no objects it should not, but
+    a thousand nested brackets end in a ``RecursionError``, a recursive alias builds a cyclic list that
+    later code walks forever, and nine aliases of nine aliases validate as 9**9 nodes.  Counting in
+    ``compose_node`` (bottom-up, so each node is measured once) rejects them before anything is built.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+        #: ``id(node)`` → (values, depth) with aliases expanded; nodes stay alive in the tree meanwhile.
+        self._stats: dict[int, tuple[int, int]] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_ALIASES} aliases (*name)", mark)
+            anchor = self.peek_event().anchor
+            if anchor in self.anchors and self._open_anchor(anchor):
+                raise yaml.composer.ComposerError(None, None, f"alias *{anchor} refers to a node that contains it", mark)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._measure(node, mark)
+        return node
+
+    def _measure(self, node: yaml.Node, mark: yaml.Mark) -> None:
+        """Size and depth of ``node`` as later code will see it, aliases expanded (counted, never built)."""
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        stats = [self._stats.get(id(c), (1, 1)) for c in children]
+        size = 1 + sum(s for s, _ in stats)
+        depth = 1 + max((d for _, d in stats), default=0)
+        if size > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(None, None, f"aliases expand to more than {MAX_YAML_NODES} values", mark)
+        if depth > MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"aliases nest deeper than {MAX_YAML_DEPTH} levels", mark)
+        self._stats[id(node)] = (size, depth)
+
+    def _open_anchor(self, anchor: str) -> bool:
+        """Whether ``anchor``'s node is still being composed (an alias to it would make a cycle)."""
+        node = self.anchors[anchor]
+        return isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) and node.end_mark is None
 
 
 def _expand(parsed: MatrixFile, locate: _Locator) -> list[ServerConfig]:
@@ -204,6 +327,7 @@ def _expand(parsed: MatrixFile, locate: _Locator) -> list[ServerConfig]:
     for model, entry in parsed.models.items():
         engine = entry.engine or parsed.defaults.engine
         _check_engine(engine, ("models", model, "engine"), locate)
+        _check_tiny(entry.path, ("models", model, "path"), locate)
         backends = entry.moe_backends or parsed.defaults.moe_backends
         for i, backend in enumerate(backends):
             where = ("models", model, "moe_backends", i) if entry.moe_backends else ("defaults", "moe_backends", i)
@@ -295,8 +419,44 @@ def _matches(when: When, **values: Any) -> bool:
 
 
 def _check_tp(tp: int, where: tuple, locate: _Locator) -> None:
-    if tp <= 0 or tp & (tp - 1):
-        raise locate.error(where, f"TP {tp} is not a positive power of two (allowed: 1, 2, 4, 8, 16, ...)")
+    if tp <= 0 or tp > MAX_TP or tp & (tp - 1):
+        raise locate.error(where, f"TP {tp} is not a positive power of two up to {MAX_TP} (allowed: 1, 2, 4, 8, ..., {MAX_TP})")
+
+
+def _check_tiny(path: str, where: tuple, locate: _Locator) -> None:
+    """``tiny:NAME`` must name a recipe; found at load time, not when the checkpoint build fails mid-run."""
+    if path.startswith(TINY_PREFIX) and path[len(TINY_PREFIX):] not in tiny_model_specs():
+        known = ", ".join(TINY_PREFIX + n for n in sorted(tiny_model_specs()))
+        raise locate.error(where, f"unknown tiny model {path!r} (allowed: {known})")
+
+
+def file_stem(config_id: str) -> str:
+    """A model or config id as a file name (``Qwen3-235B::TP8_EP2_auto`` → ``Qwen3-235B_TP8_EP2_auto``).
+
+    Why the hash: ids that differ only in characters a file name cannot hold (``/``, a space, ``::``)
+    would share one log file and overwrite each other's logs.  A plain id — one ``::`` between names
+    made of ``A-Za-z0-9._-`` — keeps the seed's readable name; any other gets a short hash of itself.
+    """
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", config_id).strip("._") or "config"
+    if not _PLAIN_ID.fullmatch(config_id):
+        stem += "-" + hashlib.sha256(config_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return stem
+
+
+_PLAIN_ID = re.compile(r"[A-Za-z0-9-][A-Za-z0-9._-]*(::[A-Za-z0-9-][A-Za-z0-9._-]*)?")
+
+
+def _check_file_names(configs: list[ServerConfig], locate: _Locator) -> None:
+    """Two ids that still map to one file name (``a_b::c`` vs ``a::b_c``) would share logs and traces."""
+    seen: dict[str, str] = {}
+    for cfg in configs:
+        stem = file_stem(cfg.id).lower()  # case-insensitive file systems (macOS) count too
+        if stem in seen:
+            raise locate.error(
+                ("models", cfg.model),
+                f"config {cfg.id} and config {seen[stem]} would share the log file name {file_stem(cfg.id)}.log; rename a model",
+            )
+        seen[stem] = cfg.id
 
 
 def _check_engine(engine: str, where: tuple, locate: _Locator) -> None:
@@ -378,7 +538,9 @@ def _describe_validation_error(exc: ValidationError, locate: _Locator) -> str:
         return str(locate.error(loc, f"unknown key {loc[-1]!r} (allowed: {', '.join(allowed)})"))
     if err["type"] == "missing":
         return str(locate.error(loc, "required key is missing"))
-    return str(locate.error(loc, f"{_plain(err['msg'])} (got {err.get('input')!r})"))
+    got = repr(err.get("input"))
+    got = got if len(got) <= 80 else got[:77] + "..."
+    return str(locate.error(loc, f"{_plain(err['msg'])} (got {got})"))
 
 
 def _plain(msg: str) -> str:

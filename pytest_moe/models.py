@@ -32,6 +32,11 @@ FAMILIES_FILE = "model_families.yaml"
 # the key names are shared by every MLA family, so they are not per-family data.
 _MLA_KEYS = ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: Bounds on what a config.json may claim (docs/contract.md): far beyond any real model, yet small
+#: enough that the per-layer work below stays instant; a hostile file gets one sentence, not a hang.
+MAX_CONFIG_BYTES = 16 << 20
+MAX_LAYERS = 10_000
+MAX_SIZE = 1 << 40
 
 
 class ModelInspectionError(ValueError):
@@ -197,7 +202,9 @@ class _Fields:
         for key in keys:
             value = self.raw(key)
             if value is not None:
-                return max(value) if isinstance(value, list) and value else value
+                if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+                    return max(value)
+                return value
         return None
 
     def get(self, field: str, default: Any = None) -> Any:
@@ -212,7 +219,26 @@ class _Fields:
                 f"{self.source}: model_type '{self.model_type}' has none of the keys "
                 f"{keys} that hold its {field.replace('_', ' ')}."
             )
-        return int(value)
+        return self._whole(field, value, low=1)
+
+    def count(self, field: str, default: int, low: int = 0) -> int:
+        """An optional whole-number field: ``default`` when absent, else checked like ``need``."""
+        value = self.first(self.family[field])
+        return default if value is None else self._whole(field, value, low)
+
+    def _whole(self, field: str, value: Any, low: int) -> int:
+        """Strict: ``true``, ``"8"``, ``8.5``, a dict or a number out of range is an error naming the field."""
+        high = MAX_LAYERS if field == "layers" else MAX_SIZE
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            shown = repr(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise ModelInspectionError(
+                f"{self.source}: the {field.replace('_', ' ')} ({', '.join(self.family[field])}) is {shown}, "
+                f"not a whole number from {low} to {high}."
+            )
+        return value
 
 
 def _family(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -357,12 +383,12 @@ def inspect_config(config: Mapping[str, Any], source: Path) -> ModelSpec:
     hidden, layers, heads = fields.need("hidden"), fields.need("layers"), fields.need("heads")
     experts, top_k = fields.need("experts"), fields.need("top_k")
     moe_inter = fields.need("moe_intermediate")
-    dense_inter = int(fields.get("dense_intermediate", moe_inter))
-    kv_heads = int(fields.get("kv_heads", heads))
-    head_dim = int(fields.get("head_dim", hidden // heads))
-    vocab = int(fields.get("vocab", 0))
-    shared_inter = int(fields.get("shared_intermediate", 0)
-                       or fields.get(family["shared_intermediate_fallback"], 0))
+    dense_inter = fields.count("dense_intermediate", moe_inter)
+    kv_heads = fields.count("kv_heads", heads, low=1)
+    head_dim = fields.count("head_dim", hidden // heads, low=1)
+    vocab = fields.count("vocab", 0)
+    shared_inter = (fields.count("shared_intermediate", 0)
+                    or fields.count(family["shared_intermediate_fallback"], 0))
     shared = family["shared_experts_fixed"]
     if shared is None:
         shared = fields.get("shared_experts", 1 if fields.first(family["shared_intermediate"]) else 0)
@@ -373,7 +399,7 @@ def inspect_config(config: Mapping[str, Any], source: Path) -> ModelSpec:
     dense = _select("dense_layers", fields, layers, lambda i: i not in moe)
     mamba = _select("mamba_layers", fields, layers,
                     lambda i: bool(family["hybrid"]) and i not in attention)
-    extra = int(fields.get("extra_layers", 0))
+    extra = fields.count("extra_layers", 0)
 
     dtype = str(fields.get("dtype", "bfloat16"))
     dtype_bytes = float(load_yaml(FAMILIES_FILE)["dtype_bytes"].get(dtype, 2))
@@ -430,9 +456,23 @@ def inspect_model(path: str | os.PathLike[str]) -> ModelSpec:
     """Read the model at ``path`` (folder, config.json, HF cache entry or cached ``org/name``)."""
     config_path = resolve_config_path(path)
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        with open(config_path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ModelInspectionError(f"{config_path} is larger than {MAX_CONFIG_BYTES >> 20} MiB, too large for a config.json.")
+        config = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelInspectionError(f"{config_path} is not readable JSON ({exc}).") from exc
+        raise ModelInspectionError(f"{config_path} is not readable JSON ({exc}).") from None
+    except RecursionError:
+        raise ModelInspectionError(f"{config_path} is nested too deeply to be a config.json.") from None
     if not isinstance(config, Mapping):
         raise ModelInspectionError(f"{config_path} holds a JSON {type(config).__name__}, not an object.")
-    return inspect_config(config, config_path)
+    try:
+        return inspect_config(config, config_path)
+    except ModelInspectionError:
+        raise
+    except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
+        # The strict readers above cover the fields every family has; the family-specific extras (MLA
+        # ranks, layer patterns, quantization blocks) are used as they come, so a wrong type there is
+        # reported here, naming the file, instead of surfacing as a traceback.
+        raise ModelInspectionError(f"{config_path}: a field holds a value of the wrong type or range ({exc}).") from None

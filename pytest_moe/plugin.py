@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 
 from pytest_moe import gpus
+from pytest_moe.args import seconds
 from pytest_moe.errors import Classification
 from pytest_moe.matrix import Matrix, MatrixError, ServerConfig, load_matrix
 from pytest_moe.preflight import Problem
 from pytest_moe.report import failure_text, junit_properties, summary_markdown
-from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsStore
+from pytest_moe.redact import redact
+from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsError, ResultsStore
 from pytest_moe.retries import retries_option
 from pytest_moe.runner import INTERRUPTED_TYPE, CellRun, RunOptions, crashed_worker_entry, predicted_entry
 from pytest_moe.selection import decide, run_order, unknown_config_ids
@@ -46,16 +48,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run only this config id, e.g. 'Qwen3-235B::TP8_EP2_auto' (repeatable)")
     group.addoption("--moe-results-dir", metavar="DIR", default=DEFAULT_RESULTS_DIR,
                     help=f"where results JSON, logs and traces go (default: {DEFAULT_RESULTS_DIR})")
-    group.addoption("--moe-server-timeout", metavar="S", type=float, default=None,
+    group.addoption("--moe-server-timeout", metavar="S", type=seconds(0, allow_zero=False), default=None,
                     help="server launch timeout in seconds for every config (default: the matrix's, 2000)")
     group.addoption("--moe-profile", action="store_true", help="save extend and decode traces per config")
-    group.addoption("--moe-cooldown", metavar="S", type=float, default=None,
+    group.addoption("--moe-cooldown", metavar="S", type=seconds(), default=None,
                     help="minimum pause after each teardown (default: 0 after an NVML memory wait, else 5)")
-    group.addoption("--moe-grace", metavar="S", type=float, default=10.0,
+    group.addoption("--moe-grace", metavar="S", type=seconds(), default=10.0,
                     help="seconds between SIGTERM and SIGKILL at teardown (default: 10)")
     group.addoption("--moe-no-preflight", action="store_true",
                     help="boot configs that preflight predicts to fail (to check a rule against the engine)")
-    group.addoption("--moe-progress-interval", metavar="S", type=float, default=30.0,
+    group.addoption("--moe-progress-interval", metavar="S", type=seconds(0, allow_zero=False), default=30.0,
                     help="seconds between progress lines while a server loads (default: 30)")
     group.addoption("--moe-retries", metavar="N", type=retries_option, default=None,
                     help="retries of a failed launch, for the types the retry policy retries (default: the policy's)")
@@ -119,8 +121,12 @@ class MoESession:
             return
         try:
             self.config.stash[_MATRIX] = load_matrix(path)
+            if not hasattr(self.config, "workerinput"):  # the controller checks once, before any server boots
+                self.store.check()
         except MatrixError as exc:
             raise pytest.UsageError(str(exc)) from None
+        except ResultsError as exc:
+            raise pytest.UsageError(f"--moe-results-dir: {exc}") from None
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         if "moe_config" not in metafunc.fixturenames:
@@ -174,6 +180,8 @@ class MoESession:
             classification = cell.classify_failure(exc, call.excinfo.exconly() if call.excinfo else str(report.longrepr))
             entry = cell.record_failure(self.store, classification)
             report.sections.append(("pytest-moe", failure_text(entry)))
+            if redact(str(report.longrepr)) != str(report.longrepr):  # JUnit's failure text
+                report.longrepr = redact(str(report.longrepr))
         apply_waiver(report, cell.cfg, entry)
         props = [("moe_id", cell.cfg.id), *junit_properties(entry)]
         item.user_properties.extend(props)
@@ -237,11 +245,11 @@ class MoESession:
             self.outcomes.append(props)
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-        if not self.outcomes or hasattr(config, "workerinput"):
+        if hasattr(config, "workerinput") or not (self.outcomes or self._store and self._store.warnings):
             return
         successes = [o for o in self.outcomes if o.get("status") == "success"]
         failures = [o for o in self.outcomes if o.get("status") != "success"]
-        text = summary_markdown(successes, failures)
+        text = summary_markdown(successes, failures) + "".join(f"\n> warning: {w}\n" for w in self.store.warnings)
         terminalreporter.section("pytest-moe results")
         terminalreporter.write(text)
         terminalreporter.write_line(f"results: {self.store.success_path} and {self.store.failure_path}")

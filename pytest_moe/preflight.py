@@ -391,7 +391,7 @@ def host_gpu(gpus: list[GpuInfo]) -> GpuSpec | None:
 @lru_cache(maxsize=None)
 def _inspect_cached(path: str) -> ModelSpec | None:
     try:
-        return inspect_model(resolve_model_path(path))
+        return inspect_model(resolve_model_path(path, build=False))  # collection never builds a checkpoint
     except ModelInspectionError:
         return None
 

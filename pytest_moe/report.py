@@ -1,18 +1,19 @@
 """What a reader sees: per-model markdown tables, failure lines with a one-line repro, JUnit properties.
 
 Everything here is pure formatting over plain dicts (the same entries the results files hold), so the
-terminal summary, ``$GITHUB_STEP_SUMMARY`` and the CLI all print the same thing.  Secrets are redacted
-here, at the one place text leaves the harness.
+terminal summary, ``$GITHUB_STEP_SUMMARY`` and the CLI all print the same thing.  Every text that
+leaves here goes through ``pytest_moe.redact`` (the one redaction of the harness).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
+
+from pytest_moe.redact import redact
 
 #: Seed 001's table columns, in order, with the entry field each one shows.
 TABLE_COLUMNS = (
@@ -25,22 +26,6 @@ TABLE_COLUMNS = (
     ("profile (extend)", "profile_extend"),
     ("profile (decode)", "profile_decode"),
 )
-
-_SECRET_NAME = re.compile(r"^(HF_TOKEN|HUGGING_FACE_HUB_TOKEN|.*_API_KEY|.*_TOKEN|.*_SECRET|.*_PASSWORD)$")
-_SECRET_ASSIGN = re.compile(r"\b(HF_TOKEN|[A-Z0-9_]*(?:_API_KEY|_TOKEN|_SECRET|_PASSWORD))=(\S+)")
-_SECRET_FLAG = re.compile(r"(--(?:api-key|hf-token|token)[= ])(\S+)")
-_URL_CREDENTIALS = re.compile(r"([a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@", re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """Hide tokens, API keys and URL credentials: by variable name, flag, URL form, and by value."""
-    for name, value in os.environ.items():
-        if _SECRET_NAME.match(name) and len(value) >= 6:
-            text = text.replace(value, "***")
-    text = _SECRET_ASSIGN.sub(r"\1=***", text)
-    text = _SECRET_FLAG.sub(r"\1***", text)
-    return _URL_CREDENTIALS.sub(r"\1***@", text)
-
 
 def shell_line(argv: Iterable[str], env: dict[str, str] | None = None) -> str:
     """A copy-pasteable, redacted rendering of an argument list and the variables it needs."""
@@ -64,7 +49,7 @@ def _cell(value: Any) -> str:
 
 def failure_text(entry: dict[str, Any]) -> str:
     """The lines a failing test's report carries: what failed, the one-line repro, the raw command, the log."""
-    return (
+    return redact(
         f"{entry['model']}::{entry['config']} failed: {entry['error_type']}: {entry['error_message']}\n"
         f"reproduce: {entry['repro_command']}\n"
         f"server command: {entry.get('server_command') or '(not started)'}\n"
@@ -128,9 +113,9 @@ def summary_markdown(successes: list[dict[str, Any]], failures: list[dict[str, A
         parts.append(success_tables(successes))
     if failures:
         parts.append(failure_table(failures))
-    return "\n\n".join(parts) + "\n"
+    return redact("\n\n".join(parts) + "\n")
 
 
 def junit_properties(entry: dict[str, Any]) -> list[tuple[str, str]]:
     """Flat ``name=value`` pairs for ``record_property``; survives xdist (unlike testsuite properties)."""
-    return [(key, str(value)) for key, value in entry.items() if value is not None]
+    return [(key, redact(str(value))) for key, value in entry.items() if value is not None]

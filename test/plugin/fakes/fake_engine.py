@@ -25,6 +25,7 @@ parser.add_argument("--ready-after", type=float, default=0.0)
 parser.add_argument("--say-file", default=None,
                     help="file holding a line printed before exiting with --exit-after ({port} and {pid} are "
                          "filled in); a file, so the line is not echoed in the command line at the top of the log")
+parser.add_argument("--say", default=None, help="a last log line, as an engine echoing its config would print")
 args, _ = parser.parse_known_args()
 
 print(f"fake engine starting: {' '.join(sys.argv[1:])}", flush=True)
@@ -69,4 +70,6 @@ class Handler(BaseHTTPRequestHandler):
 
 server = ThreadingHTTPServer((args.host, args.port), Handler)
 print("Application startup complete.", flush=True)
+if args.say:
+    print(args.say, flush=True)
 server.serve_forever()
