@@ -14,12 +14,12 @@ from __future__ import annotations
 import re
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from pytest_moe.engines import engine_names, get_engine
 from pytest_moe.errors import ERROR_TYPES
@@ -42,6 +42,20 @@ class BenchSpec(_Strict):
     warmup: int = Field(1, ge=0)
 
 
+class KernelSpec(_Strict):
+    """The kernel check (seed 003): batch sizes (default: seed 003's), timing, extra tuned-config folders.
+
+    ``tuned_config_dirs`` are folders of tuned fused-MoE files (e.g. a ``benchmark_moe.py --tune``
+    run), relative to the matrix file; the server reads one only through the engine's own variable
+    (``env: {VLLM_TUNED_CONFIG_FOLDER: ...}``), see docs/kernels.md.
+    """
+
+    batch_sizes: list[PositiveInt] | None = Field(None, min_length=1)
+    warmup: int = Field(3, ge=0)
+    repeats: int = Field(20, gt=0)
+    tuned_config_dirs: list[str] = []
+
+
 class KnownFailure(_Strict):
     """A config expected to fail this way: it xfails on that error type and fails on any other outcome."""
 
@@ -57,6 +71,7 @@ class Defaults(_Strict):
     args: list[str] = []
     env: dict[str, str] = {}
     bench: BenchSpec = BenchSpec()
+    kernel: KernelSpec = KernelSpec()
 
 
 class When(_Strict):
@@ -153,6 +168,7 @@ class ServerConfig:
 class Matrix:
     path: Path
     configs: list[ServerConfig]
+    kernel: KernelSpec = field(default_factory=KernelSpec)
 
     def by_id(self) -> dict[str, ServerConfig]:
         return {cfg.id: cfg for cfg in self.configs}
@@ -185,7 +201,7 @@ def load_matrix(path: str | Path) -> Matrix:
         parsed = MatrixFile.model_validate(data)
     except ValidationError as exc:
         raise MatrixError(_describe_validation_error(exc, locate)) from None
-    return Matrix(path=path, configs=_expand(parsed, locate))
+    return Matrix(path=path, configs=_expand(parsed, locate), kernel=parsed.defaults.kernel)
 
 
 def _expand(parsed: MatrixFile, locate: _Locator) -> list[ServerConfig]:
