@@ -5,7 +5,8 @@
 * ``inspect PATH`` — a model's MoE description (from its config.json; never downloads) as JSON;
 * ``preflight --model PATH --tp N ...`` — the verdict for one launch as JSON; exit 0 ok, 1 failure predicted;
 * ``plan --model PATH --gpu H200 --gpus 8`` — every TP/EP/quantization/backend combination and its verdict;
-* ``tiny`` — build the tiny checkpoints of the CPU smoke matrix.
+* ``tiny`` — build the tiny checkpoints of the CPU smoke matrix;
+* ``kernels [--moe-matrix PATH] [--gpu H200]`` — each config's fused-MoE shape and its tuned kernel config file.
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from pytest_moe.gpus import discover_gpus
+    from pytest_moe.kernels.naming import kernel_device_name
+    from pytest_moe.kernels.table import kernel_rows, render_kernel_table
+
+    gpu = args.gpu or next((g.name for g in discover_gpus()), None)
+    if gpu:
+        kernel_device_name(gpu)  # an unknown GPU is a usage error before any model is read
+    print(render_kernel_table(kernel_rows(load_matrix(args.moe_matrix), gpu), gpu), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pytest_moe", description="pytest-moe command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny", help="build the tiny random-weight MoE checkpoints of the CPU smoke matrix")
     p.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("kernels", help="each config's fused-MoE kernel shape and whether a tuned kernel config covers it")
+    p.add_argument("--moe-matrix", default="model_matrix.yaml", metavar="PATH")
+    p.add_argument("--gpu", default=None, help="GPU to check tuned configs for, e.g. H200 (default: this host's)")
+    p.set_defaults(func=cmd_kernels)
     return parser
 
 

@@ -47,6 +47,11 @@ class KernelUnsupported(Exception):
 class KernelCheckError(Exception):
     """The op crashed or ran past its timeout; the message says which and shows the child's last output."""
 
+    def __init__(self, message: str, error_type: str):
+        super().__init__(message)
+        #: One of ``errors.ERROR_TYPES``: ``Crash`` or ``Timeout``.
+        self.error_type = error_type
+
 
 @dataclass(frozen=True)
 class KernelSettings:
@@ -153,7 +158,7 @@ def run_kernel_check(cfg: ServerConfig, settings: KernelSettings, gpu: str | Non
             raise KernelUnsupported(f"{cfg.id}: {json.loads(output.read_text())['unsupported']}")
         if returncode != 0 or not output.is_file():
             tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
-            raise KernelCheckError(f"{cfg.id}: the kernel worker exited with status {returncode}: {tail}")
+            raise KernelCheckError(f"{cfg.id}: the kernel worker exited with status {returncode}: {tail}", "Crash")
         result = json.loads(output.read_text())
     rows = tuple(KernelRow(r["batch_size"], r["us_per_call"]) for r in result["rows"])
     return KernelResult(cfg.id, shape, gpu or "cpu", result["op"], rows, coverage)
@@ -166,7 +171,7 @@ def _run_worker(request: dict[str, Any], env: dict[str, str], log: Path, timeout
         try:
             proc.communicate(json.dumps(request).encode(), timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise KernelCheckError(f"{config_id}: the kernel worker ran past {timeout_s:g} s") from None
+            raise KernelCheckError(f"{config_id}: the kernel worker ran past {timeout_s:g} s", "Timeout") from None
         finally:
             if proc.poll() is None:
                 kill_tree(proc.pid, grace_s=0)

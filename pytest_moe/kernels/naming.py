@@ -46,6 +46,7 @@ class EngineNaming(_Strict):
     naming_function: str
     device_name_hook: str
     family_aliases: dict[str, str]
+    block_shape_format: str
     package: str
     shipped_dir: str
     versioned_subdirs: bool
@@ -153,7 +154,9 @@ def rule_file_name(engine: str, shape: KernelShape, device_name: str) -> str:
     device = next((alias for family, alias in facts.family_aliases.items()
                    if family in device_name.split("_")), device_name)
     dtype = f",dtype={shape.dtype}" if shape.dtype else ""
-    block = f",block_shape=[{shape.block_shape[0]},{shape.block_shape[1]}]" if shape.block_shape and all(shape.block_shape) else ""
+    block = ""
+    if shape.block_shape and all(shape.block_shape):
+        block = ",block_shape=" + facts.block_shape_format.format(n=shape.block_shape[0], k=shape.block_shape[1])
     return f"E={shape.experts},N={shape.n},device_name={device}{dtype}{block}.json"
 
 
