@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_moe.kernels.naming import Coverage, KernelShape, find_tuned_config, kernel_data, kernel_device_name, naming_for
 from pytest_moe.kernels.shapes import shape_for
-from pytest_moe.kernels.worker import UNSUPPORTED_EXIT
+from pytest_moe.kernels.worker import DTYPES, UNSUPPORTED_EXIT
 from pytest_moe.models import inspect_model
 from pytest_moe.server import kill_tree
 from pytest_moe.tiny import resolve_model_path
@@ -140,6 +140,11 @@ def run_kernel_check(cfg: ServerConfig, settings: KernelSettings, gpu: str | Non
     if cfg.engine not in _OP_ENGINES:
         raise KernelUnsupported(f"{cfg.id}: the kernel check runs vLLM's MoE op; engine {cfg.engine} has none wired")
     shape = config_shape(cfg)
+    device = "cuda" if gpu else "cpu"
+    if shape.dtype not in DTYPES[device]:
+        # Known before spawning the worker (seconds of engine import) that it would refuse.
+        raise KernelUnsupported(f"{cfg.id}: the kernel check builds {shape.dtype} weights for no op on {device} "
+                                f"(supported: {', '.join(d or shape.activation_dtype for d in DTYPES[device])})")
     coverage = coverage_for(cfg, shape, gpu, settings) if gpu else None
     child_env = {**os.environ, **dict(cfg.env), **(env or {})}
     if coverage is not None and coverage.covered:
@@ -150,7 +155,7 @@ def run_kernel_check(cfg: ServerConfig, settings: KernelSettings, gpu: str | Non
         request = {
             "shape": {**asdict(shape), "block_shape": list(shape.block_shape) if shape.block_shape else None},
             "batch_sizes": list(settings.batch_sizes), "warmup": settings.warmup, "repeats": settings.repeats,
-            "device": "cuda" if gpu else "cpu", "output": str(output),
+            "device": device, "output": str(output),
         }
         log = Path(tmp) / "worker.log"
         returncode = _run_worker(request, child_env, log, settings.timeout_s, cfg.id)

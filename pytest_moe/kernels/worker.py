@@ -22,6 +22,8 @@ from typing import Any
 
 #: Exit status for a shape the op cannot run here (e.g. a quantized dtype on CPU).
 UNSUPPORTED_EXIT = 3
+#: The tuned-file dtypes (None: bf16/fp16) whose weights this worker builds, per device.
+DTYPES = {"cpu": (None,), "cuda": (None, "fp8_w8a8")}
 
 
 class Unsupported(Exception):
@@ -34,7 +36,7 @@ def _cpu_runner(shape: dict[str, Any]):
     from vllm.model_executor.layers.fused_moe.experts import cpu_moe
     from vllm.model_executor.layers.fused_moe.router.cpu_router import select_experts
 
-    if shape["dtype"] is not None:
+    if shape["dtype"] not in DTYPES["cpu"]:
         raise Unsupported(f"the vLLM CPU MoE op in this check runs unquantized weights only, not {shape['dtype']}")
     # Most specific first: the order in which vLLM's oracle would accept them on this CPU.
     classes = [cpu_moe.X86CPUUnquantizedExperts, cpu_moe.ArmCPUUnquantizedExperts,
@@ -93,7 +95,7 @@ def _cuda_runner(shape: dict[str, Any]):
             s2 = torch.ones(experts, device=device, dtype=torch.float32)
         w13, w2 = w13.to(fp8), w2.to(fp8)
         quant_config = fp8_w8a8_moe_quant_config(w1_scale=s13, w2_scale=s2, block_shape=list(block) if block else None)
-    elif shape["dtype"] is not None:
+    elif shape["dtype"] not in DTYPES["cuda"]:
         raise Unsupported(f"the kernel check builds unquantized and fp8_w8a8 weights only, not {shape['dtype']}")
 
     def make(m: int):
