@@ -23,6 +23,7 @@ from pytest_moe.kernels.naming import Coverage, KernelShape, find_tuned_config, 
 from pytest_moe.kernels.shapes import shape_for
 from pytest_moe.kernels.worker import DTYPES, UNSUPPORTED_EXIT
 from pytest_moe.models import inspect_model
+from pytest_moe.report import redact
 from pytest_moe.server import kill_tree
 from pytest_moe.tiny import resolve_model_path
 
@@ -143,8 +144,9 @@ def run_kernel_check(cfg: ServerConfig, settings: KernelSettings, gpu: str | Non
     device = "cuda" if gpu else "cpu"
     if shape.dtype not in DTYPES[device]:
         # Known before spawning the worker (seconds of engine import) that it would refuse.
-        raise KernelUnsupported(f"{cfg.id}: the kernel check builds {shape.dtype} weights for no op on {device} "
-                                f"(supported: {', '.join(d or shape.activation_dtype for d in DTYPES[device])})")
+        supported = ", ".join(d or shape.activation_dtype for d in DTYPES[device])
+        raise KernelUnsupported(f"{cfg.id}: the kernel check has no {shape.dtype} MoE op to time on {device} "
+                                f"(it runs: {supported})")
     coverage = coverage_for(cfg, shape, gpu, settings) if gpu else None
     child_env = {**os.environ, **dict(cfg.env), **(env or {})}
     if coverage is not None and coverage.covered:
@@ -162,7 +164,7 @@ def run_kernel_check(cfg: ServerConfig, settings: KernelSettings, gpu: str | Non
         if returncode == UNSUPPORTED_EXIT:
             raise KernelUnsupported(f"{cfg.id}: {json.loads(output.read_text())['unsupported']}")
         if returncode != 0 or not output.is_file():
-            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+            tail = redact(" | ".join(log.read_text(errors="replace").strip().splitlines()[-3:]))
             raise KernelCheckError(f"{cfg.id}: the kernel worker exited with status {returncode}: {tail}", "Crash")
         result = json.loads(output.read_text())
     rows = tuple(KernelRow(r["batch_size"], r["us_per_call"]) for r in result["rows"])

@@ -8,6 +8,7 @@ shares the matrix, selection, results files and report with the serving checks a
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from functools import lru_cache
@@ -29,6 +30,7 @@ from pytest_moe.report import repro_command
 
 MARKER = "kernel: the fused-MoE kernel check (seed 003): times the engine's MoE op, no server"
 _WARNING_PROPERTY = "moe_kernel_warning"
+_RESULT_PROPERTY = "moe_kernel"
 
 
 class UntunedKernelWarning(UserWarning):
@@ -46,6 +48,7 @@ class KernelPlugin:
     def __init__(self, config: pytest.Config):
         self.config = config
         self.untuned: list[str] = []
+        self.results: list[dict[str, Any]] = []
 
     @pytest.fixture
     def moe_kernel(self, request: pytest.FixtureRequest, moe_config: ServerConfig) -> Callable[[], KernelResult]:
@@ -76,23 +79,44 @@ class KernelPlugin:
                                        "error_type": exc.error_type, "error_message": str(exc)})
             raise
         session.store.record_check(cfg.id, CHECK_NAME, result.record(), {**new_entry, "status": "success"})
+        request.node.user_properties.append((_RESULT_PROPERTY, json.dumps({"id": cfg.id, **result.record()})))
         if result.warning:
             warnings.warn(UntunedKernelWarning(result.warning), stacklevel=2)
             request.node.user_properties.append((_WARNING_PROPERTY, result.warning))
         return result
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        """Collected here so that xdist workers' warnings reach the controller's summary."""
+        """Collected here so that xdist workers' results reach the controller's summary."""
         if report.when == "call":
             self.untuned += [value for name, value in report.user_properties if name == _WARNING_PROPERTY]
+            self.results += [json.loads(value) for name, value in report.user_properties if name == _RESULT_PROPERTY]
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-        if not self.untuned or hasattr(config, "workerinput"):
+        if not (self.results or self.untuned) or hasattr(config, "workerinput"):
             return
-        text = "### Configs without a tuned fused-MoE kernel config\n\n" + "".join(f"- {w}\n" for w in self.untuned)
+        text = kernel_summary(self.results, self.untuned)
         terminalreporter.section("pytest-moe kernels")
         terminalreporter.write(text)
         step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if step_summary:
             with open(step_summary, "a", encoding="utf-8") as fh:
                 fh.write(text)
+
+
+def kernel_summary(results: list[dict[str, Any]], untuned: list[str]) -> str:
+    """µs per call per batch size, one row per config, then the configs without a tuned kernel config."""
+    parts = []
+    if results:
+        sizes = sorted({row["batch_size"] for r in results for row in r["rows"]})
+        lines = ["### Kernel check: µs per call by batch size", "",
+                 "| config | device | tuned config | " + " | ".join(map(str, sizes)) + " |",
+                 "|" + "---|" * (len(sizes) + 3)]
+        for r in sorted(results, key=lambda r: r["id"]):
+            us = {row["batch_size"]: row["us_per_call"] for row in r["rows"]}
+            tuned = r["tuned_config_file"] if r["tuned_config"] else ("none" if r["tuned_config_file"] else "-")
+            lines.append(f"| {r['id']} | {r['device']} | {tuned} | "
+                         + " | ".join(f"{us[b]:.1f}" if b in us else "-" for b in sizes) + " |")
+        parts.append("\n".join(lines))
+    if untuned:
+        parts.append("### Configs without a tuned fused-MoE kernel config\n\n" + "\n".join(f"- {w}" for w in untuned))
+    return "\n\n".join(parts) + "\n"

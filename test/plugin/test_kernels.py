@@ -171,6 +171,8 @@ def test_nightly_kernel_check_runs_vllm_cpu_moe_op_and_records_it(pytester, tmp_
         "--moe-results-dir", str(results), "-p", "no:cacheprovider", timeout=600,
     )
     out.assert_outcomes(passed=1)
+    out.stdout.fnmatch_lines(["*pytest-moe kernels*", "*Kernel check: µs per call by batch size*",
+                              "| config | device | tuned config | 1 | 16 |", "| tiny-mixtral::TP1_auto | cpu | - | * | * |"])
     entry = json.loads((results / "success_results.json").read_text())["tiny-mixtral::TP1_auto"]
     block = entry["checks"]["kernel"]
     assert block["status"] == "passed" and "cpu_fused_moe" in block["op"]
@@ -186,5 +188,5 @@ def test_a_quantized_shape_on_cpu_is_unsupported_not_faked(tmp_path):
     cfg, _ = _cfg(tmp_path, raw, "vllm-cpu", 1, extra=", kernel: {batch_sizes: [1], warmup: 0, repeats: 1}")
     from pytest_moe.kernels.check import KernelUnsupported
 
-    with pytest.raises(KernelUnsupported, match="fp8_w8a8"):
+    with pytest.raises(KernelUnsupported, match="no fp8_w8a8 MoE op to time on cpu"):
         run_kernel_check(cfg, KernelSettings.from_spec(load_matrix(cfg.matrix_path).kernel, cfg.matrix_path))
