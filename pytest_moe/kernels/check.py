@@ -127,9 +127,9 @@ def coverage_for(cfg: ServerConfig, shape: KernelShape, gpu: str, settings: Kern
                              extra_dirs=settings.tuned_config_dirs)
 
 
-def config_shape(cfg: ServerConfig) -> KernelShape:
-    """``cfg``'s shape from its model's config.json (a ``tiny:`` model is built on first use)."""
-    return shape_for(cfg, inspect_model(resolve_model_path(cfg.model_path)))
+def config_shape(cfg: ServerConfig, build: bool = True) -> KernelShape:
+    """``cfg``'s shape from its model's config.json (a ``tiny:`` model is built on first use when ``build``)."""
+    return shape_for(cfg, inspect_model(resolve_model_path(cfg.model_path, build=build)))
 
 
 def run_kernel_check(cfg: ServerConfig, settings: KernelSettings, gpu: str | None = None,

@@ -36,7 +36,7 @@ def kernel_rows(matrix: Matrix, gpu: str | None) -> list[KernelRowInfo]:
     rows = []
     for cfg in matrix.configs:
         try:
-            shape = config_shape(cfg)
+            shape = config_shape(cfg, build=False)  # a listing never builds checkpoints
         except (ModelInspectionError, ValueError) as exc:
             rows.append(KernelRowInfo(cfg, None, None, str(exc)))
             continue
@@ -64,8 +64,10 @@ def render_kernel_table(rows: list[KernelRowInfo], gpu: str | None) -> str:
         note = row.problem or (row.coverage.path if row.coverage and row.coverage.path else "")
         cells += [row.covered, (note or "").replace("|", "\\|")]
         lines.append("| " + " | ".join(cells) + " |")
-    missing = [r for r in rows if r.coverage is not None and not r.coverage.covered]
+    checked = [r for r in rows if r.coverage is not None]
+    missing = [r for r in checked if not r.coverage.covered]
     if gpu:
-        lines += ["", f"{len(missing)} of {len(rows)} configs have no tuned config on {gpu}"
+        lines += ["", f"{len(missing)} of {len(checked)} checked configs have no tuned config on {gpu}"
+                  + (f" ({len(rows) - len(checked)} not checked: see the notes)" if len(checked) < len(rows) else "")
                   + (": " + ", ".join(r.config.id for r in missing) if missing else "")]
     return "\n".join(lines) + "\n"

@@ -127,12 +127,19 @@ def test_a_tuned_file_in_a_folder_named_by_the_matrix_is_reported_covered(tmp_pa
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[8:10] == ["E=8,N=32,device_name=NVIDIA_H200.json", "yes"]
     assert cells[10] == str(tuned / "E=8,N=32,device_name=NVIDIA_H200.json")
-    assert "0 of 1 configs have no tuned config on H200" in out.stdout
+    assert "0 of 1 checked configs have no tuned config on H200" in out.stdout
 
     out = _kernels_cli(tmp_path / "m.yaml", "H100")
     row = next(line for line in out.stdout.splitlines() if line.startswith("| M::TP2_auto"))
     assert "| E=8,N=32,device_name=NVIDIA_H100_80GB_HBM3.json | NO |" in row
-    assert "1 of 1 configs have no tuned config on H100: M::TP2_auto" in out.stdout
+    assert "1 of 1 checked configs have no tuned config on H100: M::TP2_auto" in out.stdout
+
+
+def test_nvml_gpu_names_map_to_the_engines_device_names():
+    from pytest_moe.kernels.naming import kernel_device_name
+
+    assert kernel_device_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"  # NVML's name on the lent H100s
+    assert kernel_device_name("H200") == kernel_device_name("NVIDIA H200") == "NVIDIA_H200"
 
 
 def test_kernels_cli_rejects_an_unknown_gpu_as_a_usage_error(tmp_path):
