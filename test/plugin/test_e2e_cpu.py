@@ -79,7 +79,7 @@ def smoke_run(tmp_path_factory):
 
 def test_run_passes_with_the_crash_as_known_failure(smoke_run):
     assert smoke_run.returncode == 0, smoke_run.stdout[-3000:]
-    assert "4 passed, 1 skipped, 1 xfailed" in smoke_run.stdout
+    assert "4 passed, 1 skipped, 6 deselected, 1 xfailed" in smoke_run.stdout  # deselected: the kernel tests
 
 
 def test_success_entries_have_the_seed_fields_and_what_a_reader_needs(smoke_run):
