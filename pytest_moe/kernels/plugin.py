@@ -1,9 +1,9 @@
 """The kernel check inside pytest: the ``moe_kernel`` fixture, its results, its end-of-run section.
 
-Why its own plugin object: the kernel check needs no server, so it must not go through ``moe_cell``
-(which leases a config's GPUs and boots nothing, but owns the serving outcome of the entry); it
-shares the matrix, selection, results files and report with the serving checks and adds only
-``checks.kernel`` to a config's entry. Registered by ``plugin.pytest_configure``.
+Why its own plugin object: the kernel check needs no server and one GPU, so it does not go through
+``moe_cell`` (which leases all of a config's GPUs for a serving run and owns the serving outcome of the
+entry); it shares the matrix, selection, results files and report with the serving checks and adds
+only ``checks.kernel`` to a config's entry. Registered by ``plugin.pytest_configure``.
 """
 
 from __future__ import annotations
