@@ -110,6 +110,7 @@ class KernelResult:
             "rows": [asdict(row) for row in self.rows],
             "tuned_config": self.coverage.path if self.coverage else None,
             "tuned_config_file": self.coverage.file_name if self.coverage else None,
+            "tuned_config_named_by": self.coverage.named_by if self.coverage else None,
             "shape": {**asdict(self.shape), "block_shape": list(self.shape.block_shape) if self.shape.block_shape else None},
             "device": self.device,
             "op": self.op,

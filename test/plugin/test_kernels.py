@@ -197,3 +197,18 @@ def test_a_quantized_shape_on_cpu_is_unsupported_not_faked(tmp_path):
 
     with pytest.raises(KernelUnsupported, match="no fp8_w8a8 MoE op to time on cpu"):
         run_kernel_check(cfg, KernelSettings.from_spec(load_matrix(cfg.matrix_path).kernel, cfg.matrix_path))
+
+
+def test_a_check_goes_into_the_configs_existing_entry_or_starts_one_in_the_file_of_its_status(tmp_path):
+    from pytest_moe.results import ResultsStore
+
+    store = ResultsStore(tmp_path)
+    store.record_success("A::TP1_auto", {"model": "A", "config": "TP1_auto", "latency_s": 1.5})
+    store.record_check("A::TP1_auto", "kernel", {"status": "passed", "rows": []}, {"status": "success"})
+    store.record_check("B::TP1_auto", "kernel", {"status": "failed", "rows": []},
+                       {"model": "B", "config": "TP1_auto", "status": "failed", "error_type": "Crash"})
+    successes, failures = store.load()
+    assert successes["A::TP1_auto"]["latency_s"] == 1.5  # the serving fields stay as they were
+    assert successes["A::TP1_auto"]["checks"]["kernel"]["status"] == "passed"
+    assert "B::TP1_auto" not in successes
+    assert (failures["B::TP1_auto"]["error_type"], failures["B::TP1_auto"]["checks"]["kernel"]["status"]) == ("Crash", "failed")
