@@ -9,6 +9,7 @@
 * ``tiny`` — build the tiny checkpoints of the CPU smoke matrix;
 * ``waivers [--moe-matrix PATH] [--moe-results-dir DIR]`` — every ``known_failures`` waiver with its issue,
   age, expiry and last outcome; exit 1 when one has expired or no longer fails.
+* ``kernels [--moe-matrix PATH] [--gpu H200]`` — each config's fused-MoE shape and its tuned kernel config file.
 """
 
 from __future__ import annotations
@@ -84,6 +85,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from pytest_moe.gpus import discover_gpus
+    from pytest_moe.kernels.naming import kernel_device_name
+    from pytest_moe.kernels.table import kernel_rows, render_kernel_table
+
+    gpu = args.gpu or next((g.name for g in discover_gpus()), None)
+    if gpu:
+        kernel_device_name(gpu)  # an unknown GPU is a usage error before any model is read
+    print(render_kernel_table(kernel_rows(load_matrix(args.moe_matrix), gpu), gpu), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pytest_moe", description="pytest-moe command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-results-dir", default=DEFAULT_RESULTS_DIR, metavar="DIR",
                    help=f"where the last run's results files are (default: {DEFAULT_RESULTS_DIR})")
     p.set_defaults(func=cmd_waivers)
+    p = sub.add_parser("kernels", help="each config's fused-MoE kernel shape and whether a tuned kernel config covers it")
+    p.add_argument("--moe-matrix", default="model_matrix.yaml", metavar="PATH")
+    p.add_argument("--gpu", default=None, help="GPU to check tuned configs for, e.g. H200 (default: this host's)")
+    p.set_defaults(func=cmd_kernels)
     return parser
 
 

@@ -20,13 +20,13 @@ import hashlib
 import re
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from pytest_moe.engines import engine_names, get_engine
 from pytest_moe.errors import ERROR_TYPES
@@ -79,6 +79,20 @@ class BenchSpec(_Strict):
     warmup: int = Field(1, ge=0, le=100)
 
 
+class KernelSpec(_Strict):
+    """The kernel check (seed 003): batch sizes (default: seed 003's), timing, extra tuned-config folders.
+
+    ``tuned_config_dirs`` are folders of tuned fused-MoE files (e.g. a ``benchmark_moe.py --tune``
+    run), relative to the matrix file; the server reads one only through the engine's own variable
+    (``env: {VLLM_TUNED_CONFIG_FOLDER: ...}``), see docs/kernels.md.
+    """
+
+    batch_sizes: list[PositiveInt] | None = Field(None, min_length=1)
+    warmup: int = Field(3, ge=0, le=1000)
+    repeats: int = Field(20, gt=0, le=10000)
+    tuned_config_dirs: list[Text] = []
+
+
 class KnownFailure(_Strict):
     """A config expected to fail this way: it xfails on that error type and fails on any other outcome.
 
@@ -105,6 +119,7 @@ class Defaults(_Strict):
     args: list[Text] = []
     env: dict[EnvName, Text] = {}
     bench: BenchSpec = BenchSpec()
+    kernel: KernelSpec = KernelSpec()
 
 
 class When(_Strict):
@@ -201,6 +216,7 @@ class ServerConfig:
 class Matrix:
     path: Path
     configs: list[ServerConfig]
+    kernel: KernelSpec = field(default_factory=KernelSpec)
 
     def by_id(self) -> dict[str, ServerConfig]:
         return {cfg.id: cfg for cfg in self.configs}
@@ -225,7 +241,7 @@ def load_matrix(path: str | Path) -> Matrix:
         raise MatrixError(_describe_validation_error(exc, locate)) from None
     configs = _expand(parsed, locate)
     _check_file_names(configs, locate)
-    return Matrix(path=path, configs=configs)
+    return Matrix(path=path, configs=configs, kernel=parsed.defaults.kernel)
 
 
 def read_yaml(path: Path, error: type[ValueError]) -> tuple[yaml.Node | None, Any]:

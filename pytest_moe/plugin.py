@@ -17,6 +17,8 @@ import pytest
 from pytest_moe import gpus
 from pytest_moe.args import seconds
 from pytest_moe.errors import Classification
+from pytest_moe.kernels.plugin import MARKER as KERNEL_MARKER
+from pytest_moe.kernels.plugin import KernelPlugin
 from pytest_moe.matrix import Matrix, MatrixError, ServerConfig, load_matrix
 from pytest_moe.preflight import Problem
 from pytest_moe.report import failure_text, junit_properties, summary_markdown
@@ -34,6 +36,7 @@ MARKERS = (
     + [f"gpus{n}: configs that need {n} GPUs" for n in (0, 1, 2, 4, 8, 16)]
     + ["fp8: FP8-quantized configs", "native: native-precision (bf16/fp16) configs"]
     + ["sglang: served by SGLang", "vllm: served by vLLM on GPUs", "vllm_cpu: served by the vLLM CPU build"]
+    + [KERNEL_MARKER]
 )
 
 _MATRIX = pytest.StashKey[Matrix | None]()
@@ -67,6 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)
     config.pluginmanager.register(MoESession(config), "moe-session")
+    config.pluginmanager.register(KernelPlugin(config), "moe-kernel")
 
 
 class MoESession:

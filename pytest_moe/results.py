@@ -108,6 +108,26 @@ class ResultsStore:
             if not self.success_path.exists():
                 self._write(self.success_path, {})
 
+    def record_check(self, key: str, name: str, block: dict[str, Any], new_entry: dict[str, Any]) -> None:
+        """Put one check's result under ``checks.<name>`` of the config's entry (the success entry first).
+
+        A check that runs without a server (the kernel check) may be the first thing recorded for a
+        config: then ``new_entry`` starts the entry, in the file its ``status`` belongs to.
+        """
+        with self._lock:
+            successes, failures = self._read(self.success_path), self._read(self.failure_path)
+            if key in successes or (key not in failures and new_entry.get("status") == "success"):
+                target, path = successes, self.success_path
+            else:
+                target, path = failures, self.failure_path
+            entry = target.setdefault(key, dict(new_entry))
+            entry.setdefault("checks", {})[name] = block
+            entry["last_updated"] = now_iso()
+            self._write(path, target)
+            for other in (self.success_path, self.failure_path):
+                if not other.exists():
+                    self._write(other, {})
+
     def load(self) -> tuple[dict[str, Any], dict[str, Any]]:
         if not self.dir.is_dir():
             return {}, {}

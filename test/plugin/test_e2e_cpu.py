@@ -64,7 +64,8 @@ def smoke_run(tmp_path_factory):
     assert not _vllm_processes(), "a vLLM server is already running on this machine"
     env = {**os.environ, "GITHUB_STEP_SUMMARY": str(out / "summary.md")}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "test/nightly", "--moe-matrix", SMOKE, "--moe-results-dir", str(results),
+        # The kernel check (no server) is tested on its own in test_kernels.py.
+        [sys.executable, "-m", "pytest", "test/nightly", "-m", "not kernel", "--moe-matrix", SMOKE, "--moe-results-dir", str(results),
          "--junitxml", str(out / "junit.xml"), "--moe-profile", "--moe-cooldown", "0", "-p", "no:cacheprovider", "-rA"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
     )
@@ -78,7 +79,7 @@ def smoke_run(tmp_path_factory):
 
 def test_run_passes_with_the_crash_as_known_failure(smoke_run):
     assert smoke_run.returncode == 0, smoke_run.stdout[-3000:]
-    assert "4 passed, 1 skipped, 1 xfailed" in smoke_run.stdout
+    assert "4 passed, 1 skipped, 6 deselected, 1 xfailed" in smoke_run.stdout  # deselected: the kernel tests
 
 
 def test_success_entries_have_the_seed_fields_and_what_a_reader_needs(smoke_run):
