@@ -21,7 +21,7 @@ from pathlib import Path
 import requests
 
 from pytest_moe.engines import Engine
-from pytest_moe.matrix import BenchSpec
+from pytest_moe.configs import BenchSpec
 
 #: Token ids are drawn from this range: valid in every vocabulary we serve, tiny test models included.
 _TOKEN_RANGE = (10, 500)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import re
 import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pytest_moe.configs import BenchSpec, KnownFailure, Matrix, ServerConfig, config_name
 from pytest_moe.engines import engine_names, get_engine
 from pytest_moe.errors import ERROR_TYPES
 
@@ -31,22 +31,6 @@ class MatrixError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class BenchSpec(_Strict):
-    """The benchmark shape: batch 1, 4096 in, 512 out in the seeds."""
-
-    batch_size: int = Field(1, gt=0)
-    input_len: int = Field(4096, gt=0)
-    output_len: int = Field(512, gt=0)
-    warmup: int = Field(1, ge=0)
-
-
-class KnownFailure(_Strict):
-    """A config expected to fail this way: it xfails on that error type and fails on any other outcome."""
-
-    error_type: str
-    reason: str
 
 
 class Defaults(_Strict):
@@ -110,57 +94,6 @@ class MatrixFile(_Strict):
     defaults: Defaults = Defaults()
     rules: list[Rule] = []
     models: dict[str, ModelEntry]
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """One cell of the matrix: everything needed to boot, benchmark and record it."""
-
-    model: str
-    name: str
-    model_path: str
-    engine: str
-    tp: int
-    ep: int
-    precision: str
-    quantization: str | None
-    moe_backend: str
-    args: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]
-    timeout_s: float
-    host: str
-    bench: BenchSpec
-    known_failure: KnownFailure | None
-    matrix_path: str
-
-    @property
-    def id(self) -> str:
-        """``model::config``, the key of the results files and the test id."""
-        return f"{self.model}::{self.name}"
-
-    @property
-    def gpus_needed(self) -> int:
-        """GPUs this config occupies; CPU engines need none."""
-        return self.tp if get_engine(self.engine).spec.uses_gpus else 0
-
-    @property
-    def markers(self) -> list[str]:
-        """Marker names: ``tpN``, ``gpusN``, the precision and the engine (``vllm-cpu`` → ``vllm_cpu``)."""
-        return [f"tp{self.tp}", f"gpus{self.gpus_needed}", self.precision, self.engine.replace("-", "_")]
-
-
-@dataclass(frozen=True)
-class Matrix:
-    path: Path
-    configs: list[ServerConfig]
-
-    def by_id(self) -> dict[str, ServerConfig]:
-        return {cfg.id: cfg for cfg in self.configs}
-
-
-def config_name(tp: int, ep: int, backend: str) -> str:
-    """The seeds' config naming: ``TP4_auto``, ``TP8_EP2_auto``."""
-    return f"TP{tp}" + (f"_EP{ep}" if ep > 1 else "") + f"_{backend}"
 
 
 def load_matrix(path: str | Path) -> Matrix:
@@ -276,6 +209,7 @@ def _resolve(
         bench=entry.bench or parsed.defaults.bench,
         known_failure=entry.known_failures.get(name),
         matrix_path=str(locate.path),
+        uses_gpus=get_engine(engine).spec.uses_gpus,
     )
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from pytest_moe import gpus
 from pytest_moe.errors import Classification
-from pytest_moe.matrix import Matrix, MatrixError, ServerConfig, load_matrix
+from pytest_moe.configs import Matrix, ServerConfig
+from pytest_moe.matrix import MatrixError, load_matrix
 from pytest_moe.preflight import Problem
 from pytest_moe.report import failure_text, junit_properties, summary_markdown
 from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsStore

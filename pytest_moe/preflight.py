@@ -22,7 +22,7 @@ from pytest_moe.models import ModelInspectionError, ModelSpec, inspect_model
 from pytest_moe.tiny import resolve_model_path
 
 if TYPE_CHECKING:
-    from pytest_moe.matrix import ServerConfig
+    from pytest_moe.configs import ServerConfig
 
 RULES_FILE = "preflight_rules.yaml"
 GPUS_FILE = "gpus.yaml"

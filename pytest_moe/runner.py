@@ -17,7 +17,7 @@ from pytest_moe import gpus
 from pytest_moe.bench import BenchResult, profile_stages, run_benchmark
 from pytest_moe.engines import get_engine
 from pytest_moe.errors import Classification, classify, read_log_tail
-from pytest_moe.matrix import ServerConfig
+from pytest_moe.configs import ServerConfig
 from pytest_moe.preflight import Problem
 from pytest_moe.report import redact, repro_command, shell_line
 from pytest_moe.results import ResultsStore

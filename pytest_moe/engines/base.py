@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 if TYPE_CHECKING:
-    from pytest_moe.matrix import ServerConfig
+    from pytest_moe.configs import ServerConfig
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pytest
 
 from pytest_moe import server as server_mod
 from pytest_moe.engines.base import Engine, EngineSpec
-from pytest_moe.matrix import BenchSpec, ServerConfig
+from pytest_moe.configs import BenchSpec, ServerConfig
 from pytest_moe.runner import CellRun, RunOptions
 from pytest_moe.server import Server, ServerError
 
