@@ -205,24 +205,25 @@ def run_benchmark(base_url: str, served_name: str, bench: BenchSpec, seed: int =
 
 
 def profile_stages(engine: Engine, base_url: str, served_name: str, bench: BenchSpec,
-                   launch_dir: Path | None, out_dir: Path, seed: int = 1) -> dict[str, str]:
+                   launch_dir: Path | None, out_dir: Path, seed: int = 1, trace_timeout_s: float = 120) -> dict[str, str]:
     """Save an extend (prefill) trace and a decode trace; returns {stage: directory}.
 
     Extend: one request with ``max_tokens=1``. Decode: the same prompt again with ``PROFILE_DECODE_STEPS`` tokens —
-    its prefill hits the prefix cache, so the trace is dominated by decode steps.  Engines that write traces
-    where they were told at launch (vLLM) get their new files moved into the stage directory.
+    its prefill hits the prefix cache, so the trace is dominated by decode steps.  The engine says where its
+    traces land (``Engine.trace_dir``): files written where it was told at launch (vLLM) are moved into the
+    stage directory; SGLang writes into the stage directory itself.
     """
     prompts = random_prompts(bench, random.Random(seed))
     saved: dict[str, str] = {}
     for stage, max_tokens in (("extend", 1), ("decode", min(PROFILE_DECODE_STEPS, bench.output_len))):
         stage_dir = out_dir / stage
         stage_dir.mkdir(parents=True, exist_ok=True)
-        source = launch_dir or stage_dir
+        source = engine.trace_dir(launch_dir, stage_dir)
         before = _traces(source)
         engine.start_profile(base_url, stage_dir, num_steps=max_tokens)
         stream_completion(base_url, served_name, prompts, max_tokens)
         engine.stop_profile(base_url)
-        new = _wait_for_new_traces(source, before)
+        new = _wait_for_new_traces(source, before, trace_timeout_s)
         if source != stage_dir:
             for path in new:
                 shutil.move(str(path), stage_dir / path.name)

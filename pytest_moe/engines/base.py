@@ -156,6 +156,13 @@ class Engine:
     def start_profile(self, base_url: str, out_dir: Path, num_steps: int) -> None:
         raise NotImplementedError
 
+    def trace_dir(self, launch_dir: Path | None, stage_dir: Path) -> Path:
+        """Where this engine writes the traces of a profile started for ``stage_dir``.
+
+        By default the directory fixed at launch (vLLM's ``--profiler-config``), else the stage directory.
+        """
+        return launch_dir or stage_dir
+
     def stop_profile(self, base_url: str) -> None:
         resp = requests.post(base_url + self.spec.profile["stop"], timeout=600)
         resp.raise_for_status()

@@ -9,8 +9,10 @@ import itertools
 import pytest
 from fakes.stream_server import StreamScript, StubEngine, StubServer
 
-from pytest_moe.bench import BenchmarkError, check_stream, compute_metrics, run_benchmark, stream_completion
+from pytest_moe.bench import (BenchmarkError, check_stream, compute_metrics, profile_stages, run_benchmark,
+                              stream_completion)
 from pytest_moe.configs import BenchSpec
+from pytest_moe.engines import get_engine
 
 
 def ticking_clock():
@@ -120,3 +122,20 @@ def test_batch_size_scales_throughput_and_itl():
 def test_impossible_timings_are_rejected(latency, ttft):
     with pytest.raises(BenchmarkError, match="impossible timing"):
         compute_metrics(1, 10, 10, latency, ttft)
+
+
+@pytest.mark.parametrize("engine", ["sglang", "vllm"])
+def test_profile_traces_land_in_each_stage_directory(engine, tmp_path):
+    # The stand-in writes like the engine: into /start_profile's output_dir when sent (SGLang), else into
+    # the directory fixed at launch (vLLM's --profiler-config); the runner gives every engine a launch dir.
+    launch_dir, out_dir = tmp_path / "raw", tmp_path / "traces"
+    state = StubEngine(launch_profile_dir=launch_dir)
+    bench = BenchSpec(batch_size=1, input_len=4, output_len=20, warmup=0)
+    with StubServer(state) as srv:
+        saved = profile_stages(get_engine(engine), srv.base_url, "m", bench, launch_dir=launch_dir, out_dir=out_dir,
+                               trace_timeout_s=5)
+    assert saved == {"extend": str(out_dir / "extend"), "decode": str(out_dir / "decode")}
+    for stage in ("extend", "decode"):
+        assert [p.name.endswith(".pt.trace.json.gz") for p in (out_dir / stage).iterdir()] == [True]
+    assert [r["max_tokens"] for r in state.requests] == [1, 16]
+    assert not launch_dir.exists() or not any(launch_dir.iterdir())  # vLLM's files were moved out
