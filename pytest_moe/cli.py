@@ -46,7 +46,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code, mem_fraction=args.mem_fraction,
     )
     gpu = gpu_spec(args.gpu, args.gpus or args.tp) if args.gpu else None
-    result = verdict(check(inspect_model(args.model), plan, gpu))
+    result = verdict(check(inspect_model(args.model), plan, gpu), engine=args.engine)
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
 

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pytest_moe.configs import BenchSpec, KnownFailure, Matrix, ServerConfig, config_name
-from pytest_moe.engines import engine_names, get_engine
+from pytest_moe.engines import EngineTableError, engine_names, get_engine
 from pytest_moe.errors import ERROR_TYPES
 
 
@@ -110,6 +110,10 @@ def load_matrix(path: str | Path) -> Matrix:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise MatrixError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    try:
+        engine_names()
+    except EngineTableError as exc:
+        raise MatrixError(str(exc)) from None
     locate = _Locator(path, root)
     if not isinstance(data, dict):
         raise MatrixError(f"{path}: the matrix must be a mapping with a 'models' key")
@@ -186,7 +190,7 @@ def _resolve(
     quantization = entry.quantization or quantization
     if tp % ep:
         raise locate.error(where, f"EP {ep} does not divide TP {tp} for model {model} (EP must divide TP)")
-    if get_engine(engine).spec.ep_style == "flag" and ep not in (1, tp):
+    if ep not in get_engine(engine).spec.ep_style.choices(tp):
         raise locate.error(
             where,
             f"engine {engine} takes expert parallelism as a switch (EP size = TP), so EP must be 1 or {tp}, not {ep}",

