@@ -69,7 +69,7 @@ class ServerConfig:
     @property
     def markers(self) -> list[str]:
         """Marker names: ``tpN``, ``gpusN``, the precision and the engine (``vllm-cpu`` → ``vllm_cpu``)."""
-        return [f"tp{self.tp}", f"gpus{self.gpus_needed}", self.precision, self.engine.replace("-", "_")]
+        return [f"tp{self.tp}", f"gpus{self.gpus_needed}", self.precision, engine_marker(self.engine)]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,11 @@ class Matrix:
 
     def by_id(self) -> dict[str, ServerConfig]:
         return {cfg.id: cfg for cfg in self.configs}
+
+
+def engine_marker(engine: str) -> str:
+    """The marker of an engine's configs: its name as a Python identifier (``vllm-cpu`` → ``vllm_cpu``)."""
+    return engine.replace("-", "_")
 
 
 def config_name(tp: int, ep: int, backend: str) -> str:

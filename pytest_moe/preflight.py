@@ -115,10 +115,10 @@ class RuleParams(_Strict):
 class RuleData(_Strict):
     id: StrictStr
     check: StrictStr
-    engines: tuple[StrictStr, ...] = Field(min_length=1)
     prevents: StrictStr
     needs_gpu: StrictBool
-    #: Per engine family: the version and source file the rule was checked against.
+    #: Per engine family: the version and source file the rule was checked against; the rule applies to
+    #: the engines of exactly these families.
     checked: dict[StrictStr, Checked] = Field(min_length=1)
     seed_errors: tuple[StrictStr, ...] = Field(min_length=1)
     message: StrictStr
@@ -133,7 +133,6 @@ class RulesFile(_Strict):
 class Rule:
     id: str
     check: Callable[["_Context"], Mapping[str, Any] | None]
-    engines: frozenset[str]
     prevents: str
     needs_gpu: bool
     checked: Mapping[str, Checked]
@@ -408,8 +407,8 @@ def _rules_file() -> RulesFile:
 
 @lru_cache(maxsize=1)
 def rules() -> tuple[Rule, ...]:
-    """The rules of data/preflight_rules.yaml, validated once: unknown checks, error types or a rule without
-    the engine version it was checked against fail loudly."""
+    """The rules of data/preflight_rules.yaml, validated once: unknown checks or error types fail loudly
+    (the schema already requires the versions each rule was checked against)."""
     loaded = []
     for raw in _rules_file().rules:
         where = f"data/{RULES_FILE}: rule '{raw.id}'"
@@ -417,11 +416,7 @@ def rules() -> tuple[Rule, ...]:
             raise RulesError(f"{where} names an unknown check '{raw.check}'.")
         if raw.prevents not in ERROR_TYPES:
             raise RulesError(f"{where} prevents unknown error type '{raw.prevents}'.")
-        for name in raw.engines:
-            family = get_engine(name).spec.family
-            if family not in raw.checked:
-                raise RulesError(f"{where} applies to {name} but records no 'checked' version for {family}.")
-        loaded.append(Rule(raw.id, _CHECKS[raw.check], frozenset(raw.engines), raw.prevents, raw.needs_gpu,
+        loaded.append(Rule(raw.id, _CHECKS[raw.check], raw.prevents, raw.needs_gpu,
                            dict(raw.checked), tuple(" ".join(e.split()) for e in raw.seed_errors),
                            " ".join(raw.message.split())))
     return tuple(loaded)
@@ -435,6 +430,11 @@ def installed_version(engine: str) -> str | None:
     """The engine's version in this interpreter (None when it is not installed here)."""
     found = get_engine(engine).installed_version()
     return found[1] if found else None
+
+
+def applies(rule: Rule, engine: str) -> bool:
+    """A rule applies to the engines of the families it was checked against."""
+    return get_engine(engine).spec.family in rule.checked
 
 
 def version_note(rule: Rule, engine: str) -> str | None:
@@ -451,7 +451,7 @@ def version_notes(engine: str) -> list[str]:
     """One line per distinct note over the rules that apply to ``engine``: what `plan` and `preflight` print."""
     by_note: dict[str, list[str]] = {}
     for rule in rules():
-        note = version_note(rule, engine) if engine in rule.engines else None
+        note = version_note(rule, engine) if applies(rule, engine) else None
         if note:
             by_note.setdefault(note, []).append(rule.id)
     return [f"preflight rules {', '.join(ids)}: {note}" for note, ids in by_note.items()]
@@ -468,7 +468,7 @@ def check(model: ModelSpec, plan: LaunchPlan, gpu: GpuSpec | None) -> list[Probl
             "gpu": gpu.name if gpu else "no GPU"}
     problems = []
     for rule in rules():
-        if plan.engine not in rule.engines or (rule.needs_gpu and gpu is None):
+        if not applies(rule, plan.engine) or (rule.needs_gpu and (gpu is None or not engine.spec.uses_gpus)):
             continue
         fields = rule.check(ctx)
         if fields is not None:

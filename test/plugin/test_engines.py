@@ -4,10 +4,13 @@ SGLang's parser (``prepare_server_args``) and vLLM's (``make_arg_parser``, behin
 run on CPU; scripts/setup.sh installs them (SGLang with --no-deps, see docs/engines.md).
 """
 
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pytest_moe.engines import CommandRejected, get_engine
 from pytest_moe.engines.vllm import cpu_bind_groups
@@ -89,3 +92,71 @@ def test_cpu_bind_groups_needs_a_core_per_rank():
 )
 def test_progress_phase_comes_from_the_engines_log_patterns(engine, log, phase):
     assert get_engine(engine).phase(log) == phase
+
+
+# --------------------------------------------------------------------------- adding an engine from outside
+
+PLUGIN_DIR = Path(__file__).resolve().parent
+STAND_IN_TABLE = PLUGIN_DIR / "data" / "engines" / "stand_in.yaml"
+# Qwen2-57B-A14B has 28 attention heads: TP 4 divides them, TP 8 does not (vLLM's rule tp-must-divide-heads).
+HEADS_MODEL = PLUGIN_DIR / "data" / "configs" / "qwen2-57b-a14b.json"
+STAND_IN_MATRIX = f"""\
+defaults: {{engine: stand-in, moe_backends: [auto]}}
+models:
+  Heads: {{path: {HEADS_MODEL}, tp: [4, 8]}}
+  Other: {{path: {HEADS_MODEL}, engine: sglang, tp: [4]}}
+"""
+
+
+@pytest.fixture
+def stand_in(pytester, monkeypatch):
+    """A pytester dir whose environment registers the stand-in engine: its table and its adapter's folder."""
+    monkeypatch.setenv("PYTEST_MOE_ENGINES", str(STAND_IN_TABLE))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(PLUGIN_DIR / "fakes")])))
+    pytester.makefile(".yaml", model_matrix=STAND_IN_MATRIX)
+    pytester.makepyfile(test_nightly="def test_benchmark(moe_config):\n    print('RAN', moe_config.id)\n")
+    return pytester
+
+
+def test_an_engine_added_from_test_data_goes_through_collection_markers_list_and_preflight(stand_in):
+    result = stand_in.runpytest_subprocess("-s", "-rs", "-p", "no:cacheprovider", "-m", "stand_in", "--strict-markers")
+    result.assert_outcomes(passed=1, skipped=1)
+    assert [line.split("RAN ")[1] for line in result.outlines if "RAN " in line] == ["Heads::TP4_auto"]
+    result.stdout.fnmatch_lines(["*Heads::TP8_auto predicted to fail (InvalidArgument) by preflight rule "
+                                 "tp-must-divide-heads*28 attention heads*"])
+
+    listed = stand_in.run(sys.executable, "-m", "pytest_moe", "list", "--moe-matrix", "model_matrix.yaml")
+    assert listed.ret == 0
+    line = next(line for line in listed.outlines if line.startswith("Heads::TP8_auto\t"))
+    assert "\ttp8,gpus0,native,stand_in\tgpus=0\t" in line
+    assert f"-m stand_in_server --model {HEADS_MODEL} --served-model-name " in line
+    assert line.endswith("--tensor-parallel-size 8 --host 127.0.0.1 --port 30000")
+
+    verdict = stand_in.run(sys.executable, "-m", "pytest_moe", "preflight", "--engine", "stand-in",
+                           "--model", str(HEADS_MODEL), "--tp", "8")
+    assert verdict.ret == 1
+    assert '"rule_id": "tp-must-divide-heads"' in verdict.stdout.str()
+
+
+def test_a_broken_engine_table_names_file_engine_and_key(stand_in, monkeypatch, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(STAND_IN_TABLE.read_text().replace("  ep_style: switch\n", "  ep_style: sideways\n"))
+    monkeypatch.setenv("PYTEST_MOE_ENGINES", str(broken))
+    result = stand_in.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {broken}: engine stand-in: ep_style: Input should be 'size' or 'switch'*"])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+def test_the_stand_in_adapter_checks_commands_with_its_own_parser(monkeypatch):
+    from pytest_moe.engines import EngineSpec
+
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR / "fakes"))
+    from stand_in_adapter import StandInEngine
+
+    spec = EngineSpec.from_yaml("stand-in", yaml.safe_load(STAND_IN_TABLE.read_text())["stand-in"])
+    engine = StandInEngine(spec)
+    cfg = replace(SMOKE.configs[0], engine="stand-in", args=())
+    engine.check_command(_argv(cfg, engine))
+    with pytest.raises(CommandRejected, match="unrecognized arguments: --warp"):
+        engine.check_command([*_argv(cfg, engine), "--warp"])
