@@ -182,4 +182,6 @@ def test_without_preflight_the_real_engine_fails_the_way_the_rule_predicted(tmp_
     assert proc.returncode == 1, proc.stdout[-2000:]
     entry = json.loads((results / "failure_results.json").read_text())[PREDICTED_ID]
     assert (entry["status"], entry["error_type"]) == ("failed", "QuantizationConflict")
+    # Booted despite the prediction: the entry scores the rule against what the engine did.
+    assert (entry["preflight"]["rules"], entry["preflight"]["right"]) == (["quantization-conflict"], True)
     assert "does not match the quantization method specified in the `quantization` argument (fp8)" in entry["error_message"]

@@ -4,18 +4,23 @@ predictable seed 000 error caught by a named rule."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from dataclasses import replace
 
+from pytest_moe.configs import BenchSpec, ServerConfig
 from pytest_moe.datafiles import load_yaml
 from pytest_moe.engines import get_engine
+from pytest_moe.errors import Classification
 from pytest_moe.models import inspect_model
 from pytest_moe.preflight import (
     ERROR_TYPES,
     LaunchPlan,
+    Problem,
     check,
     flags_of,
     gpu_spec,
@@ -27,6 +32,8 @@ from pytest_moe.preflight import (
     verdict,
     version_notes,
 )
+from pytest_moe.runner import CellRun, RunOptions
+from pytest_moe.scoring import prediction_block
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 SEED = json.loads((CONFIGS / "seed000_matrix.json").read_text())
@@ -305,3 +312,56 @@ def test_gpu_catalog_lookup():
     assert gpu_spec("h100 80gb hbm3", 1).memory_bytes == 81559 * 1024**2
     with pytest.raises(ValueError, match="known: H100"):
         gpu_spec("RTX 9090", 1)
+
+
+# --------------------------------------------------------------------------- scoring against reality
+
+
+def test_prediction_block_sets_a_rule_beside_the_outcome():
+    conflict = Problem("quantization-conflict", "m", "QuantizationConflict")
+    assert prediction_block([conflict], "QuantizationConflict") == {
+        "rules": ["quantization-conflict"], "prevents": ["QuantizationConflict"],
+        "predicted": "QuantizationConflict", "outcome": "QuantizationConflict", "right": True}
+    assert prediction_block([conflict], None)["right"] is False  # it booted and served: the rule was wrong
+    assert prediction_block([], None) == {"rules": [], "prevents": [], "predicted": "success", "outcome": "success",
+                                          "right": True}
+    assert prediction_block([], "OOM")["right"] is False
+    assert prediction_block(None, "OOM") is None  # model not inspectable here: nothing was predicted
+
+
+def test_a_booted_config_records_what_preflight_said(tmp_path):
+    # Kimi-K2 is compressed-tensors: --quantization fp8 is a conflict on vLLM (and it needs remote code).
+    cfg = ServerConfig(model="Kimi", name="TP1_auto", model_path=str(CONFIGS / "kimi-k2-thinking.json"),
+                       engine="vllm-cpu", tp=1, ep=1, precision="fp8", quantization="fp8", moe_backend="auto",
+                       args=(), env=(), timeout_s=10, host="127.0.0.1", bench=BenchSpec(), known_failure=None,
+                       matrix_path="m.yaml", uses_gpus=False)
+    cell = CellRun(cfg, RunOptions(matrix_path="m.yaml", results_dir=tmp_path), lease=None, progress=print)
+    entry = cell.failure_entry(Classification("QuantizationConflict", "does not match", None))
+    assert entry["preflight"] == {
+        "rules": ["quantization-conflict", "trust-remote-code"], "prevents": ["QuantizationConflict", "TrustRemoteCode"],
+        "predicted": "QuantizationConflict", "outcome": "QuantizationConflict", "right": True}
+
+
+def test_score_prints_per_rule_accuracy(tmp_path):
+    def block(rules, prevents, outcome):
+        return {"rules": rules, "prevents": prevents, "outcome": outcome}
+
+    (tmp_path / "success_results.json").write_text(json.dumps({
+        "A::TP8_auto": {"status": "success", "preflight": block(["fp8-block-alignment"], ["QuantBlockAlignment"], "success")},
+        "B::TP1_auto": {"status": "success", "preflight": block([], [], "success")},
+        "C::TP1_auto": {"status": "success"},  # recorded before scoring existed: ignored
+    }))
+    (tmp_path / "failure_results.json").write_text(json.dumps({
+        "D::TP8_auto": {"status": "failed", "preflight": block(["fp8-block-alignment"], ["QuantBlockAlignment"],
+                                                               "QuantBlockAlignment")},
+        "E::TP4_auto": {"status": "failed", "preflight": block([], [], "OOM")},
+        "F::TP1_auto": {"status": "predicted", "rule_ids": "quantization-conflict"},
+    }))
+    proc = subprocess.run([sys.executable, "-m", "pytest_moe", "preflight", "--score", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    # fp8-block-alignment fired on A (booted fine: wrong) and D (failed as predicted: right) -> 1 of 2.
+    assert "| `fp8-block-alignment` | QuantBlockAlignment | 2 | 1 | 50% |" in lines
+    assert "booted with no rule firing: 2 (failed: OOM x1)" in lines
+    assert "skipped on a prediction, never booted (not scored): 1" in lines
