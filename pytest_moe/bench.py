@@ -21,8 +21,8 @@ from typing import Callable
 
 import requests
 
-from pytest_moe.engines import Engine
 from pytest_moe.configs import BenchSpec
+from pytest_moe.engines import Engine
 
 #: Token ids are drawn from this range: valid in every vocabulary we serve, tiny test models included.
 _TOKEN_RANGE = (10, 500)

@@ -11,6 +11,7 @@ this module holds one small named check function per rule and the engine that ru
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -399,7 +400,7 @@ class RulesError(ValueError):
 @lru_cache(maxsize=1)
 def _rules_file() -> RulesFile:
     try:
-        return RulesFile.model_validate(load_yaml(RULES_FILE), strict=False)
+        return RulesFile.model_validate_json(json.dumps(load_yaml(RULES_FILE)))  # strict, JSON mode (see EngineSpec)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise RulesError(f"data/{RULES_FILE}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None

@@ -159,8 +159,9 @@ class EngineSpec(_Strict):
 
     @classmethod
     def from_yaml(cls, name: str, raw: dict[str, Any]) -> EngineSpec:
-        """Validate one block; YAML gives lists and plain strings, so those are accepted for tuples and enums."""
-        return cls.model_validate({**raw, "name": name}, strict=False)
+        """Validate one block strictly, in JSON mode: YAML's lists and strings stand for tuples and enums
+        there, while a quoted number or a number for a flag is still refused."""
+        return cls.model_validate_json(json.dumps({**raw, "name": name}))
 
     @model_validator(mode="after")
     def _consistent(self) -> EngineSpec:

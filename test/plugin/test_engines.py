@@ -160,3 +160,26 @@ def test_the_stand_in_adapter_checks_commands_with_its_own_parser(monkeypatch):
     engine.check_command(_argv(cfg, engine))
     with pytest.raises(CommandRejected, match="unrecognized arguments: --warp"):
         engine.check_command([*_argv(cfg, engine), "--warp"])
+
+
+@pytest.mark.parametrize("edit, key, message", [
+    (lambda raw: raw.pop("readiness_path"), "readiness_path", "Field required"),
+    (lambda raw: raw.update(uses_gpus="yes"), "uses_gpus", "Input should be a valid boolean"),
+    (lambda raw: raw["flags"].update(tp=8), "flags.tp", "Input should be a valid string"),
+    (lambda raw: raw.update(ep_style="flag"), "ep_style", "Input should be 'size' or 'switch'"),
+    (lambda raw: raw.update(default_mem_fraction={"checked": {"version": "1", "source": "x"}}),
+     "(block)", "exactly one of 'fraction' and 'reserved'"),
+])
+def test_engine_blocks_are_read_through_a_strict_schema(edit, key, message):
+    """engines.yaml used to be raw dicts: a missing key was a KeyError far from the file."""
+    from pydantic import ValidationError
+
+    from pytest_moe.engines import EngineSpec
+
+    raw = yaml.safe_load((ROOT / "pytest_moe" / "data" / "engines.yaml").read_text())["vllm"]
+    EngineSpec.from_yaml("vllm", raw)
+    edit(raw)
+    with pytest.raises(ValidationError) as info:
+        EngineSpec.from_yaml("vllm", raw)
+    err = info.value.errors()[0]
+    assert (".".join(map(str, err["loc"])) or "(block)", message in err["msg"]) == (key, True)
