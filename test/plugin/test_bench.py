@@ -139,3 +139,28 @@ def test_profile_traces_land_in_each_stage_directory(engine, tmp_path):
         assert [p.name.endswith(".pt.trace.json.gz") for p in (out_dir / stage).iterdir()] == [True]
     assert [r["max_tokens"] for r in state.requests] == [1, 16]
     assert not launch_dir.exists() or not any(launch_dir.iterdir())  # vLLM's files were moved out
+
+
+def test_the_runner_records_an_impossible_stream_as_a_failure_not_a_success(tmp_path):
+    from types import SimpleNamespace
+
+    from pytest_moe.configs import ServerConfig
+    from pytest_moe.results import ResultsStore
+    from pytest_moe.runner import CellRun, RunOptions
+
+    cfg = ServerConfig(model="M", name="TP1_auto", model_path="/nonexistent/m", engine="vllm-cpu", tp=1, ep=1,
+                       precision="native", quantization=None, moe_backend="auto", args=(), env=(), timeout_s=10,
+                       host="127.0.0.1", bench=BenchSpec(batch_size=1, input_len=4, output_len=8, warmup=0),
+                       known_failure=None, matrix_path="m.yaml", uses_gpus=False)
+    cell = CellRun(cfg, RunOptions(matrix_path="m.yaml", results_dir=tmp_path), lease=None, progress=print)
+    store = ResultsStore(tmp_path)
+    with StubServer(StubEngine(StreamScript(token_delta=-3))) as srv:
+        cell.server = SimpleNamespace(base_url=srv.base_url, served_name="m", profile_dir=None, argv=["stand-in"],
+                                      launch_env={})
+        with pytest.raises(BenchmarkError) as info:
+            cell.benchmark()
+    cell.record_failure(store, cell.classify_failure(info.value, f"BenchmarkError: {info.value}"))
+    successes, failures = store.load()
+    assert "M::TP1_auto" not in successes
+    entry = failures["M::TP1_auto"]
+    assert entry["status"] == "failed" and "request 0 streamed 5 tokens, expected 8" in entry["error_message"]
