@@ -5,14 +5,17 @@ out by hand from raw timestamps, never by inverting the code under test.
 """
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 from fakes.stream_server import StreamScript, StubEngine, StubServer
 
 from pytest_moe.bench import (BenchmarkError, check_stream, compute_metrics, profile_stages, run_benchmark,
                               stream_completion)
-from pytest_moe.configs import BenchSpec
+from pytest_moe.configs import BenchSpec, ServerConfig
 from pytest_moe.engines import get_engine
+from pytest_moe.results import ResultsStore
+from pytest_moe.runner import CellRun, RunOptions
 
 
 def ticking_clock():
@@ -142,12 +145,6 @@ def test_profile_traces_land_in_each_stage_directory(engine, tmp_path):
 
 
 def test_the_runner_records_an_impossible_stream_as_a_failure_not_a_success(tmp_path):
-    from types import SimpleNamespace
-
-    from pytest_moe.configs import ServerConfig
-    from pytest_moe.results import ResultsStore
-    from pytest_moe.runner import CellRun, RunOptions
-
     cfg = ServerConfig(model="M", name="TP1_auto", model_path="/nonexistent/m", engine="vllm-cpu", tp=1, ep=1,
                        precision="native", quantization=None, moe_backend="auto", args=(), env=(), timeout_s=10,
                        host="127.0.0.1", bench=BenchSpec(batch_size=1, input_len=4, output_len=8, warmup=0),
