@@ -68,6 +68,18 @@ def test_commands_are_argument_lists_with_host_port_and_served_name():
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "30000"
     assert argv[argv.index("--served-model-name") + 1] == "served"
     assert "--moe-runner-backend" not in argv  # auto is SGLang's default: no flag (seed 000)
+    # Full flag names: SGLang 0.5.23 declares --tp-size / --ep-size; `--tp` parses only by prefix matching.
+    assert argv[argv.index("--tp-size") + 1] == "8" and argv[argv.index("--ep-size") + 1] == "2"
+    assert "--tp" not in argv and "--ep" not in argv
+
+
+def test_vllm_is_launched_through_module_paths():
+    """`vllm serve` via its module; the CPU build's `vllm` script and cli.main need the `vllm` distribution's
+    metadata, and `vllm.entrypoints.openai.api_server` is deprecated in 0.32 in favour of the launchers."""
+    cfg = SMOKE.configs[0]
+    assert _argv(cfg)[1:3] == ["-m", "vllm.entrypoints.launchers.api_server.entry"]
+    gpu = _argv(replace(cfg, engine="vllm"))
+    assert gpu[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", "/models/x"]
 
 
 @pytest.mark.parametrize("cpus, ranks, expected", [([0, 1], 2, "0|1"), (list(range(8)), 2, "0-3|4-7"), ([0, 1, 2, 3], 4, "0|1|2|3")])
