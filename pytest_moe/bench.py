@@ -1,7 +1,7 @@
 """The benchmark: one batch of random token ids, streamed, measured like SGLang's ``bench_one_batch_server``.
 
-Metric definitions (SGLang 0.5.23 ``sglang/benchmark/one_batch_server.py``, ``run_one_case`` with ``ignore_eos``;
-seed 001's row 7.59 s / 15933.87 / 69.81 / 14.32 ms comes out of them, see test_bench.py):
+Metric definitions (SGLang 0.5.23 ``sglang/benchmark/one_batch_server.py``, ``run_one_case`` with ``ignore_eos``,
+the formulas behind seed 001's row; test_bench.py checks them from raw timestamps):
     latency            = wall time of the whole streaming request
     ttft               = time to the first streamed token of the request that started last (``last_ttft``)
     input_throughput   = batch_size * input_len / ttft
