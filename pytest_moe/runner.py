@@ -17,13 +17,15 @@ from pytest_moe import gpus
 from pytest_moe.bench import BenchResult, profile_stages, run_benchmark
 from pytest_moe.engines import get_engine
 from pytest_moe.errors import Classification, classify, read_log_tail
-from pytest_moe.matrix import ServerConfig
+from pytest_moe.configs import ServerConfig
 from pytest_moe.matrix import file_stem as safe_name
 from pytest_moe.preflight import Problem
 from pytest_moe.redact import redact
 from pytest_moe.report import repro_command, shell_line
 from pytest_moe.results import ResultsStore
 from pytest_moe.retries import Attempt, entry_fields, retry_launch
+from pytest_moe.scoring import ENTRY_KEY as SCORE_KEY
+from pytest_moe.scoring import predict_booted
 from pytest_moe.server import Progress, Server, ServerError
 from pytest_moe.tiny import TINY_PREFIX, resolve_model_path
 
@@ -170,7 +172,7 @@ class CellRun:
         entry["profile_decode"] = self.profiles.get("decode")
         entry["ready_after_s"] = round(self.server.ready_after_s, 1) if self.server and self.server.ready_after_s else None
         entry.update(entry_fields(self.attempts, passed=True, scrub=redact))
-        return entry
+        return {**entry, **self.preflight_score(None)}
 
     def failure_entry(self, classification: Classification) -> dict[str, Any]:
         entry = {
@@ -178,11 +180,17 @@ class CellRun:
             "error_type": classification.error_type,
             "error_message": redact(classification.message),
             "status": "failed",
+            **self.preflight_score(classification.error_type),
         }
         if classification.signature:
             entry["signature"] = redact(classification.signature)
         entry.update(entry_fields(self.attempts, passed=False, scrub=redact))
         return entry
+
+    def preflight_score(self, error_type: str | None) -> dict[str, Any]:
+        """What preflight said of this booted config beside its outcome (scoring.py), when it could tell."""
+        block = predict_booted(self.cfg, list(self.lease.gpus) if self.lease else [], error_type)
+        return {SCORE_KEY: block} if block is not None else {}
 
     def record_success(self, store: ResultsStore) -> dict[str, Any]:
         entry = {**self.success_entry(), "status": "success"}

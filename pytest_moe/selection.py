@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pytest_moe.gpus import GpuInfo, shortfall_reason
-from pytest_moe.matrix import Matrix, ServerConfig
+from pytest_moe.configs import Matrix, ServerConfig
 from pytest_moe.preflight import Problem, check_config
 
 

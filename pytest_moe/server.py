@@ -31,7 +31,7 @@ import psutil
 
 from pytest_moe.engines import Engine
 from pytest_moe.errors import read_log_tail
-from pytest_moe.matrix import ServerConfig
+from pytest_moe.configs import ServerConfig
 from pytest_moe.redact import redact, redact_file, register_secrets, secret_values_of
 from pytest_moe.report import shell_line
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from pytest_moe.models import inspect_model
-from pytest_moe.preflight import LaunchPlan, check, gpu_spec
+from pytest_moe.preflight import LaunchPlan, check, flags_of, gpu_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "test" / "plugin" / "data" / "configs"
 PLAN_KEYS = ("tp", "ep", "quantization", "moe_backend", "mem_fraction")
@@ -33,7 +33,7 @@ def main() -> None:
             plan = LaunchPlan(engine=seed["engine"], trust_remote_code=True,
                               **{k: entry[k] for k in PLAN_KEYS if k in entry})
             problems = check(inspect_model(CONFIGS / entry["model"]), plan, gpu)
-            out.append((entry["model"], plan.flags(), [p.rule_id for p in problems]))
+            out.append((entry["model"], flags_of(plan), [p.rule_id for p in problems]))
         return out
 
     cold_start = time.perf_counter()

@@ -37,10 +37,16 @@ class SGLangEngine(Engine):
     def start_profile(self, base_url: str, out_dir: Path, num_steps: int) -> None:
         """SGLang's ``/start_profile``: stops by itself after ``num_steps`` forward steps."""
         body = {"output_dir": str(out_dir), "num_steps": num_steps, "activities": ["CPU", "GPU"]}
-        resp = requests.post(base_url + self.spec.profile["start"], json=body, timeout=60)
+        resp = requests.post(base_url + self.spec.profile.start, json=body, timeout=60)
         resp.raise_for_status()
+
+    def trace_dir(self, launch_dir: Path | None, stage_dir: Path) -> Path:
+        """SGLang writes into the request's ``output_dir`` (0.5.23
+        ``srt/managers/scheduler_components/profiler_manager.py``: ``Path(output_dir)``);
+        ``SGLANG_TORCH_PROFILER_DIR`` (the launch directory) is only its fallback when none is sent."""
+        return stage_dir
 
     def stop_profile(self, base_url: str) -> None:
         """SGLang stops after ``num_steps``; an explicit stop then answers an error, which is harmless."""
         with contextlib.suppress(requests.RequestException):
-            requests.post(base_url + self.spec.profile["stop"], timeout=600)
+            requests.post(base_url + self.spec.profile.stop, timeout=600)

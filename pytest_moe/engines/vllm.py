@@ -36,7 +36,7 @@ class VLLMEngine(Engine):
 
     def start_profile(self, base_url: str, out_dir: Path, num_steps: int) -> None:
         """vLLM writes into the directory fixed at launch; the caller moves the files afterwards."""
-        resp = requests.post(base_url + self.spec.profile["start"], timeout=60)
+        resp = requests.post(base_url + self.spec.profile.start, timeout=60)
         resp.raise_for_status()
 
 

@@ -28,7 +28,7 @@ from pytest_moe.server import kill_tree
 from pytest_moe.tiny import resolve_model_path
 
 if TYPE_CHECKING:
-    from pytest_moe.matrix import KernelSpec, ServerConfig
+    from pytest_moe.configs import KernelSpec, ServerConfig
 
 #: The check's name under an entry's ``checks``.
 CHECK_NAME = "kernel"

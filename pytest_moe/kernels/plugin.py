@@ -25,7 +25,8 @@ from pytest_moe.kernels.check import (
     KernelUnsupported,
     run_kernel_check,
 )
-from pytest_moe.matrix import ServerConfig, load_matrix
+from pytest_moe.configs import ServerConfig
+from pytest_moe.matrix import load_matrix
 from pytest_moe.report import repro_command
 
 MARKER = "kernel: the fused-MoE kernel check (seed 003): times the engine's MoE op, no server"

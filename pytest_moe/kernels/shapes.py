@@ -16,7 +16,7 @@ from pytest_moe.models import ModelSpec
 from pytest_moe.preflight import moe_tp_size, plan_for
 
 if TYPE_CHECKING:
-    from pytest_moe.matrix import ServerConfig
+    from pytest_moe.configs import ServerConfig
 
 
 def kernel_dtype(spec: ModelSpec, launch_quantization: str | None) -> tuple[str | None, tuple[int, int] | None]:

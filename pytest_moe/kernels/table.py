@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pytest_moe.kernels.check import KernelSettings, config_shape, coverage_for
 from pytest_moe.kernels.naming import Coverage, KernelShape, naming_for
-from pytest_moe.matrix import Matrix, ServerConfig
+from pytest_moe.configs import Matrix, ServerConfig
 from pytest_moe.models import ModelInspectionError
 
 

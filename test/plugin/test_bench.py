@@ -1,21 +1,116 @@
-"""The benchmark formulas are SGLang's bench_one_batch_server's; seed 001's row must come out of them."""
+"""The benchmark client against a stand-in stream: token-counted TTFT, and impossible figures refused.
+
+The formulas are SGLang 0.5.23's (``sglang/benchmark/one_batch_server.py``); expectations below are worked
+out by hand from raw timestamps, never by inverting the code under test.
+"""
+
+import itertools
+from types import SimpleNamespace
 
 import pytest
+from fakes.stream_server import StreamScript, StubEngine, StubServer
 
-from pytest_moe.bench import BenchmarkError, compute_metrics
+from pytest_moe.bench import (BenchmarkError, check_stream, compute_metrics, profile_stages, run_benchmark,
+                              stream_completion)
+from pytest_moe.configs import BenchSpec, ServerConfig
+from pytest_moe.engines import get_engine
+from pytest_moe.results import ResultsStore
+from pytest_moe.runner import CellRun, RunOptions
 
 
-def test_seed_001_row_comes_out_of_the_formulas():
-    # Seed 001: latency 7.59 s, input throughput 15933.87, output throughput 69.81, ITL 14.32 ms (bs 1, 4096 in, 512 out).
-    # Invert two of them to get the raw timings, then every printed figure must round to the seed's.
-    ttft = 4096 / 15933.87
-    latency = ttft + 512 / 69.81
-    result = compute_metrics(1, 4096, 512, latency, ttft)
-    record = result.record()
-    assert record["latency_s"] == 7.59
-    assert record["input_throughput_tok_per_s"] == 15933.87
-    assert record["output_throughput_tok_per_s"] == 69.81
-    assert record["itl_ms"] == 14.32
+def ticking_clock():
+    """A clock that advances one second per reading: reading k is chunk k's arrival (start = 0)."""
+    counter = itertools.count()
+    return lambda: float(next(counter))
+
+
+def _stream(script: StreamScript, prompts=((1, 2, 3),), max_tokens=4):
+    with StubServer(StubEngine(script)) as srv:
+        return stream_completion(srv.base_url, "m", [list(p) for p in prompts], max_tokens, clock=ticking_clock())
+
+
+def test_figures_from_raw_timestamps():
+    # Request sent at t=1000.00 s, first token at 1000.25 s, last chunk at 1008.25 s; batch 2, 4096 in, 512 out.
+    # By hand: latency 8.25 s, ttft 0.25 s, input 2*4096/0.25 = 32768 tok/s,
+    # output 2*512/8.0 = 128 tok/s, ITL 1000*2/128 = 15.625 ms.
+    sent, first_token, last_chunk = 1000.00, 1000.25, 1008.25
+    result = compute_metrics(2, 4096, 512, latency_s=last_chunk - sent, ttft_s=first_token - sent)
+    assert result.latency_s == pytest.approx(8.25)
+    assert result.ttft_s == pytest.approx(0.25)
+    assert result.input_throughput_tok_per_s == pytest.approx(32768.0)
+    assert result.output_throughput_tok_per_s == pytest.approx(128.0)
+    assert result.itl_ms == pytest.approx(15.625)
+
+
+def test_ttft_is_the_first_token_even_when_its_text_is_empty():
+    # Three leading chunks carry a token each but no text: chunk 1 (reading 1) is the first token.
+    timing = _stream(StreamScript(empty_text_chunks=3), max_tokens=4)
+    assert timing.first_token_s == (1.0,)
+    assert timing.tokens == (4,)
+    # 4 token chunks (readings 1-4), the usage chunk (5), the end (6).
+    assert timing.latency_s == 6.0
+    check_stream(timing, batch_size=1, output_len=4)
+
+
+def test_ttft_is_the_first_token_of_the_request_that_started_last():
+    # Request 1 streams only after request 0's 3 chunks: its first token is reading 4.
+    timing = _stream(StreamScript(late_requests=(1,)), prompts=((1, 2), (3, 4)), max_tokens=3)
+    assert timing.first_token_s == (1.0, 4.0)
+    assert timing.ttft_s == 4.0
+    check_stream(timing, batch_size=2, output_len=3)
+
+
+def test_the_client_asks_for_token_ids_and_ignore_eos():
+    state = StubEngine()
+    with StubServer(state) as srv:
+        stream_completion(srv.base_url, "m", [[1, 2]], 2)
+    assert state.requests[0]["return_token_ids"] is True
+    assert state.requests[0]["ignore_eos"] is True
+
+
+@pytest.mark.parametrize("script, match", [
+    (StreamScript(token_delta=-1), "request 0 streamed 3 tokens, expected 4"),
+    (StreamScript(token_delta=2), "request 0 streamed 6 tokens, expected 4"),
+    (StreamScript(usage_delta=5), "server reports 9 completion tokens, the stream carried 4"),
+    (StreamScript(first_chunk_tokens=4), "got 4 of its 4 tokens in its first chunk"),
+    (StreamScript(first_chunk_tokens=3), "got 3 of its 4 tokens in its first chunk"),
+])
+def test_impossible_streams_are_refused(script, match):
+    with pytest.raises(BenchmarkError, match=match):
+        check_stream(_stream(script, max_tokens=4), batch_size=1, output_len=4)
+
+
+def test_a_server_that_does_not_report_token_ids_is_refused():
+    with pytest.raises(BenchmarkError, match="without token_ids"):
+        _stream(StreamScript(honours_token_ids=False))
+
+
+def test_a_missing_request_is_refused():
+    timing = _stream(StreamScript(), prompts=((1,),), max_tokens=2)
+    with pytest.raises(BenchmarkError, match="tokens for 1 requests, expected 2"):
+        check_stream(timing, batch_size=2, output_len=2)
+
+
+def test_non_200_is_refused():
+    with pytest.raises(BenchmarkError, match=r"HTTP 500 from http://127\.0\.0\.1:\d+/v1/completions"):
+        _stream(StreamScript(status=500))
+
+
+def test_error_mid_stream_is_refused():
+    with pytest.raises(BenchmarkError, match="server error mid-stream.*engine died mid-stream"):
+        _stream(StreamScript(error_after=2))
+
+
+def test_run_benchmark_records_a_well_formed_stream_and_refuses_a_short_one():
+    bench = BenchSpec(batch_size=2, input_len=8, output_len=5, warmup=1)
+    with StubServer(StubEngine(StreamScript(empty_text_chunks=2))) as srv:
+        result = run_benchmark(srv.base_url, "m", bench)
+    assert (result.batch_size, result.input_len, result.output_len) == (2, 8, 5)
+    assert 0 < result.ttft_s < result.latency_s
+    state = StubEngine(StreamScript(token_delta=-1))
+    with StubServer(state) as srv, pytest.raises(BenchmarkError, match="expected 16"):
+        run_benchmark(srv.base_url, "m", bench)  # the warm-up (16 tokens) is checked too
+    assert [len(r["prompt"]) for r in state.requests] == [2]
 
 
 def test_batch_size_scales_throughput_and_itl():
@@ -30,3 +125,39 @@ def test_batch_size_scales_throughput_and_itl():
 def test_impossible_timings_are_rejected(latency, ttft):
     with pytest.raises(BenchmarkError, match="impossible timing"):
         compute_metrics(1, 10, 10, latency, ttft)
+
+
+@pytest.mark.parametrize("engine", ["sglang", "vllm"])
+def test_profile_traces_land_in_each_stage_directory(engine, tmp_path):
+    # The stand-in writes like the engine: into /start_profile's output_dir when sent (SGLang), else into
+    # the directory fixed at launch (vLLM's --profiler-config); the runner gives every engine a launch dir.
+    launch_dir, out_dir = tmp_path / "raw", tmp_path / "traces"
+    state = StubEngine(launch_profile_dir=launch_dir)
+    bench = BenchSpec(batch_size=1, input_len=4, output_len=20, warmup=0)
+    with StubServer(state) as srv:
+        saved = profile_stages(get_engine(engine), srv.base_url, "m", bench, launch_dir=launch_dir, out_dir=out_dir,
+                               trace_timeout_s=5)
+    assert saved == {"extend": str(out_dir / "extend"), "decode": str(out_dir / "decode")}
+    for stage in ("extend", "decode"):
+        assert [p.name.endswith(".pt.trace.json.gz") for p in (out_dir / stage).iterdir()] == [True]
+    assert [r["max_tokens"] for r in state.requests] == [1, 16]
+    assert not launch_dir.exists() or not any(launch_dir.iterdir())  # vLLM's files were moved out
+
+
+def test_the_runner_records_an_impossible_stream_as_a_failure_not_a_success(tmp_path):
+    cfg = ServerConfig(model="M", name="TP1_auto", model_path="/nonexistent/m", engine="vllm-cpu", tp=1, ep=1,
+                       precision="native", quantization=None, moe_backend="auto", args=(), env=(), timeout_s=10,
+                       host="127.0.0.1", bench=BenchSpec(batch_size=1, input_len=4, output_len=8, warmup=0),
+                       known_failure=None, matrix_path="m.yaml", uses_gpus=False)
+    cell = CellRun(cfg, RunOptions(matrix_path="m.yaml", results_dir=tmp_path), lease=None, progress=print)
+    store = ResultsStore(tmp_path)
+    with StubServer(StubEngine(StreamScript(token_delta=-3))) as srv:
+        cell.server = SimpleNamespace(base_url=srv.base_url, served_name="m", profile_dir=None, argv=["stand-in"],
+                                      launch_env={})
+        with pytest.raises(BenchmarkError) as info:
+            cell.benchmark()
+    cell.record_failure(store, cell.classify_failure(info.value, f"BenchmarkError: {info.value}"))
+    successes, failures = store.load()
+    assert "M::TP1_auto" not in successes
+    entry = failures["M::TP1_auto"]
+    assert entry["status"] == "failed" and "request 0 streamed 5 tokens, expected 8" in entry["error_message"]

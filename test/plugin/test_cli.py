@@ -26,7 +26,7 @@ def test_preflight_exit_codes_and_rule_ids():
     assert bad.returncode == 1
     verdict = json.loads(bad.stdout)
     assert verdict["ok"] is False and verdict["problems"][0]["rule_id"] == "fp8-block-alignment"
-    assert "--ep 2" in verdict["problems"][0]["message"]
+    assert "--ep-size 2" in verdict["problems"][0]["message"]
     good = _cli("preflight", "--model", model, "--tp", "8", "--ep", "2", "--quantization", "fp8", "--gpu", "H200")
     assert good.returncode == 0 and json.loads(good.stdout) == {"ok": True, "problems": []}
 

@@ -117,7 +117,7 @@ def test_list_command_prints_every_config_with_markers_gpus_and_command(suite):
     assert len(lines) == 6
     big8 = next(line for line in lines if line.startswith("Big::TP8_EP2_auto\t"))
     assert "tp8,gpus8,fp8,sglang\tgpus=8\t" in big8
-    assert "-m sglang.launch_server --model-path org/big" in big8 and "--tp 8 --ep 2 --quantization fp8" in big8
+    assert "-m sglang.launch_server --model-path org/big" in big8 and "--tp-size 8 --ep-size 2 --quantization fp8" in big8
 
 
 LEASE_MATRIX = """\
@@ -179,7 +179,7 @@ models:
     result = pytester.runpytest("-s", "-rs", "--moe-results-dir", "res", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, skipped=1)
     assert _ids(result) == ["Qwen3-235B::TP8_EP2_auto"]
-    result.stdout.fnmatch_lines(["*Qwen3-235B::TP8_auto predicted to fail (QuantBlockAlignment) by preflight rule fp8-block-alignment:*--ep 2*"])
+    result.stdout.fnmatch_lines(["*Qwen3-235B::TP8_auto predicted to fail (QuantBlockAlignment) by preflight rule fp8-block-alignment:*--ep-size 2*"])
     entry = json.loads((pytester.path / "res/failure_results.json").read_text())["Qwen3-235B::TP8_auto"]
     assert (entry["status"], entry["rule_ids"]) == ("predicted", "fp8-block-alignment")
     assert entry["repro_command"].endswith("--moe-config Qwen3-235B::TP8_auto --moe-no-preflight")

@@ -4,10 +4,13 @@ SGLang's parser (``prepare_server_args``) and vLLM's (``make_arg_parser``, behin
 run on CPU; scripts/setup.sh installs them (SGLang with --no-deps, see docs/engines.md).
 """
 
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pytest_moe.engines import CommandRejected, get_engine
 from pytest_moe.engines.vllm import cpu_bind_groups
@@ -65,6 +68,18 @@ def test_commands_are_argument_lists_with_host_port_and_served_name():
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "30000"
     assert argv[argv.index("--served-model-name") + 1] == "served"
     assert "--moe-runner-backend" not in argv  # auto is SGLang's default: no flag (seed 000)
+    # Full flag names: SGLang 0.5.23 declares --tp-size / --ep-size; `--tp` parses only by prefix matching.
+    assert argv[argv.index("--tp-size") + 1] == "8" and argv[argv.index("--ep-size") + 1] == "2"
+    assert "--tp" not in argv and "--ep" not in argv
+
+
+def test_vllm_is_launched_through_module_paths():
+    """`vllm serve` via its module; the CPU build's `vllm` script and cli.main need the `vllm` distribution's
+    metadata, and `vllm.entrypoints.openai.api_server` is deprecated in 0.32 in favour of the launchers."""
+    cfg = SMOKE.configs[0]
+    assert _argv(cfg)[1:3] == ["-m", "vllm.entrypoints.launchers.api_server.entry"]
+    gpu = _argv(replace(cfg, engine="vllm"))
+    assert gpu[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", "/models/x"]
 
 
 @pytest.mark.parametrize("cpus, ranks, expected", [([0, 1], 2, "0|1"), (list(range(8)), 2, "0-3|4-7"), ([0, 1, 2, 3], 4, "0|1|2|3")])
@@ -89,3 +104,94 @@ def test_cpu_bind_groups_needs_a_core_per_rank():
 )
 def test_progress_phase_comes_from_the_engines_log_patterns(engine, log, phase):
     assert get_engine(engine).phase(log) == phase
+
+
+# --------------------------------------------------------------------------- adding an engine from outside
+
+PLUGIN_DIR = Path(__file__).resolve().parent
+STAND_IN_TABLE = PLUGIN_DIR / "data" / "engines" / "stand_in.yaml"
+# Qwen2-57B-A14B has 28 attention heads: TP 4 divides them, TP 8 does not (vLLM's rule tp-must-divide-heads).
+HEADS_MODEL = PLUGIN_DIR / "data" / "configs" / "qwen2-57b-a14b.json"
+STAND_IN_MATRIX = f"""\
+defaults: {{engine: stand-in, moe_backends: [auto]}}
+models:
+  Heads: {{path: {HEADS_MODEL}, tp: [4, 8]}}
+  Other: {{path: {HEADS_MODEL}, engine: sglang, tp: [4]}}
+"""
+
+
+@pytest.fixture
+def stand_in(pytester, monkeypatch):
+    """A pytester dir whose environment registers the stand-in engine: its table and its adapter's folder."""
+    monkeypatch.setenv("PYTEST_MOE_ENGINES", str(STAND_IN_TABLE))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(PLUGIN_DIR / "fakes")])))
+    pytester.makefile(".yaml", model_matrix=STAND_IN_MATRIX)
+    pytester.makepyfile(test_nightly="def test_benchmark(moe_config):\n    print('RAN', moe_config.id)\n")
+    return pytester
+
+
+def test_an_engine_added_from_test_data_goes_through_collection_markers_list_and_preflight(stand_in):
+    result = stand_in.runpytest_subprocess("-s", "-rs", "-p", "no:cacheprovider", "-m", "stand_in", "--strict-markers")
+    result.assert_outcomes(passed=1, skipped=1)
+    assert [line.split("RAN ")[1] for line in result.outlines if "RAN " in line] == ["Heads::TP4_auto"]
+    result.stdout.fnmatch_lines(["*Heads::TP8_auto predicted to fail (InvalidArgument) by preflight rule "
+                                 "tp-must-divide-heads*28 attention heads*"])
+
+    listed = stand_in.run(sys.executable, "-m", "pytest_moe", "list", "--moe-matrix", "model_matrix.yaml")
+    assert listed.ret == 0
+    line = next(line for line in listed.outlines if line.startswith("Heads::TP8_auto\t"))
+    assert "\ttp8,gpus0,native,stand_in\tgpus=0\t" in line
+    assert f"-m stand_in_server --model {HEADS_MODEL} --served-model-name " in line
+    assert line.endswith("--tensor-parallel-size 8 --host 127.0.0.1 --port 30000")
+
+    verdict = stand_in.run(sys.executable, "-m", "pytest_moe", "preflight", "--engine", "stand-in",
+                           "--model", str(HEADS_MODEL), "--tp", "8")
+    assert verdict.ret == 1
+    assert '"rule_id": "tp-must-divide-heads"' in verdict.stdout.str()
+
+
+def test_a_broken_engine_table_names_file_engine_and_key(stand_in, monkeypatch, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(STAND_IN_TABLE.read_text().replace("  ep_style: switch\n", "  ep_style: sideways\n"))
+    monkeypatch.setenv("PYTEST_MOE_ENGINES", str(broken))
+    result = stand_in.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {broken}: engine stand-in: ep_style: Input should be 'size' or 'switch'*"])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+def test_the_stand_in_adapter_checks_commands_with_its_own_parser(monkeypatch):
+    from pytest_moe.engines import EngineSpec
+
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR / "fakes"))
+    from stand_in_adapter import StandInEngine
+
+    spec = EngineSpec.from_yaml("stand-in", yaml.safe_load(STAND_IN_TABLE.read_text())["stand-in"])
+    engine = StandInEngine(spec)
+    cfg = replace(SMOKE.configs[0], engine="stand-in", args=())
+    engine.check_command(_argv(cfg, engine))
+    with pytest.raises(CommandRejected, match="unrecognized arguments: --warp"):
+        engine.check_command([*_argv(cfg, engine), "--warp"])
+
+
+@pytest.mark.parametrize("edit, key, message", [
+    (lambda raw: raw.pop("readiness_path"), "readiness_path", "Field required"),
+    (lambda raw: raw.update(uses_gpus="yes"), "uses_gpus", "Input should be a valid boolean"),
+    (lambda raw: raw["flags"].update(tp=8), "flags.tp", "Input should be a valid string"),
+    (lambda raw: raw.update(ep_style="flag"), "ep_style", "Input should be 'size' or 'switch'"),
+    (lambda raw: raw.update(default_mem_fraction={"checked": {"version": "1", "source": "x"}}),
+     "(block)", "exactly one of 'fraction' and 'reserved'"),
+])
+def test_engine_blocks_are_read_through_a_strict_schema(edit, key, message):
+    """engines.yaml used to be raw dicts: a missing key was a KeyError far from the file."""
+    from pydantic import ValidationError
+
+    from pytest_moe.engines import EngineSpec
+
+    raw = yaml.safe_load((ROOT / "pytest_moe" / "data" / "engines.yaml").read_text())["vllm"]
+    EngineSpec.from_yaml("vllm", raw)
+    edit(raw)
+    with pytest.raises(ValidationError) as info:
+        EngineSpec.from_yaml("vllm", raw)
+    err = info.value.errors()[0]
+    assert (".".join(map(str, err["loc"])) or "(block)", message in err["msg"]) == (key, True)

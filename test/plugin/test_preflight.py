@@ -4,23 +4,36 @@ predictable seed 000 error caught by a named rule."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from dataclasses import replace
+
+from pytest_moe.configs import BenchSpec, ServerConfig
 from pytest_moe.datafiles import load_yaml
+from pytest_moe.engines import get_engine
+from pytest_moe.errors import Classification
 from pytest_moe.models import inspect_model
 from pytest_moe.preflight import (
     ERROR_TYPES,
     LaunchPlan,
+    Problem,
     check,
+    flags_of,
     gpu_spec,
+    installed_version,
     moe_tp_size,
     plan_table,
     render_plan,
     rules,
     verdict,
+    version_notes,
 )
+from pytest_moe.runner import CellRun, RunOptions
+from pytest_moe.scoring import prediction_block
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 SEED = json.loads((CONFIGS / "seed000_matrix.json").read_text())
@@ -57,7 +70,7 @@ def test_qwen3_235b_fp8_tp8_needs_ep2():
     qwen = model("qwen3-235b-a22b-instruct-2507-fp8.json")
     [problem] = check(qwen, LaunchPlan(tp=8, ep=1, quantization="fp8"), None)
     assert (problem.rule_id, problem.prevents) == ("fp8-block-alignment", "QuantBlockAlignment")
-    assert "1536 / moe_tp_size 8 = 192" in problem.message and "use --ep 2" in problem.message
+    assert "1536 / moe_tp_size 8 = 192" in problem.message and "use --ep-size 2" in problem.message
     assert check(qwen, LaunchPlan(tp=8, ep=2, quantization="fp8"), None) == []
     assert check(qwen, LaunchPlan(tp=4, ep=1), None) == []  # 1536 / 4 = 384
 
@@ -70,18 +83,129 @@ def test_alignment_on_the_other_fp8_seed_models():
     assert check(coder, LaunchPlan(tp=8, ep=2), None) == []
 
 
-def test_vllm_expert_parallel_removes_the_tp_split():
+def test_vllm_refines_the_fp8_block_that_sglang_rejects():
+    """vLLM 0.32 fused_moe/oracle/fp8.py: 192 columns per rank -> gcd(128, 128, 192, 4096) = 64 >= 32, refined."""
     qwen = model("qwen3-235b-a22b-instruct-2507-fp8.json")
-    [problem] = check(qwen, LaunchPlan(engine="vllm", tp=8), None)
-    assert "use --enable-expert-parallel" in problem.message
+    assert check(qwen, LaunchPlan(engine="vllm", tp=8), None) == []
     assert check(qwen, LaunchPlan(engine="vllm", tp=8, ep=8), None) == []
+    assert ids(check(qwen, LaunchPlan(engine="sglang", tp=8), None)) == ["fp8-block-alignment"]
+
+
+def test_vllm_fails_only_when_the_block_can_be_neither_refined_nor_padded():
+    # 1152 / 8 = 144 columns per rank: gcd(128, 128, 144, 4096) = 16 < 32, so no refinement; with auto
+    # vLLM keeps the 128 block and fails; an explicit backend pads the shard (1152 and 4096 are 128-aligned).
+    odd = replace(model("qwen3-235b-a22b-instruct-2507-fp8.json"), moe_intermediate_size=1152)
+    [problem] = check(odd, LaunchPlan(engine="vllm", tp=8), None)
+    assert (problem.rule_id, problem.prevents) == ("fp8-block-unrefinable", "QuantBlockAlignment")
+    assert "144 expert columns" in problem.message and "= 16, below 32" in problem.message
+    assert "use --enable-expert-parallel" in problem.message
+    assert check(odd, LaunchPlan(engine="vllm", tp=8, moe_backend="triton"), None) == []
+
+
+def test_online_fp8_of_a_16_bit_checkpoint_has_no_block_check():
+    """SGLang builds Fp8Config() with weight_block_size=None for online FP8; vLLM uses per-tensor FP8."""
+    glm = model("glm-4.6.json")
+    assert glm.quantization is None and (glm.moe_intermediate_size // 8) % 128 != 0
+    for engine in ("sglang", "vllm"):
+        plan = LaunchPlan(engine=engine, tp=8, quantization="fp8", trust_remote_code=True)
+        assert "QuantBlockAlignment" not in {p.prevents for p in check(glm, plan, None)}
+
+
+def test_default_memory_fractions_are_the_engines_own():
+    # SGLang 0.5.23 srt/arg_groups/memory_hook.py on an H100 (81559 MiB, chunked prefill 8192, graph max_bs
+    # 512 at TP >= 4, 256 below): reserved = 512 + 8192 x 1.5 + TP x 128 + max_bs x 2 MiB.
+    memory = get_engine("sglang").spec.default_mem_fraction
+    assert memory.for_gpu(81559, 8) == round((81559 - (512 + 12288 + 1024 + 1024)) / 81559, 3) == 0.818
+    assert memory.for_gpu(81559, 1) == round((81559 - (512 + 12288 + 128 + 512)) / 81559, 3) == 0.835
+    # vLLM 0.32 config/cache.py: gpu_memory_utilization = 0.92.
+    assert get_engine("vllm").spec.default_mem_fraction.for_gpu(81559, 1) == 0.92
+    # 68.5 GiB of weights + the 4 GiB KV floor: fits 0.92 x 79.6 GiB (vLLM), not 0.90 (the old figure)
+    # nor SGLang's 0.835 at TP1.
+    h100 = gpu_spec("H100", 1)
+    big = replace(model("qwen3-30b-a3b.json"), weight_bytes=int(68.5 * 1024**3))
+    assert check(big, LaunchPlan(engine="vllm", tp=1), h100) == []
+    [oom] = check(big, LaunchPlan(engine="sglang", tp=1), h100)
+    assert oom.rule_id == "weights-fit-memory" and "0.835 x 79.6 GiB" in oom.message
+
+
+def test_sglang_cutlass_accepts_modelopt_fp8_and_needs_ep_1_or_tp():
+    """SGLang 0.5.23 srt/arg_groups/moe_hook.py: modelopt_fp4/fp8/mixed or bf16, and ep_size in [1, tp_size]."""
+    qwen = model("qwen3-30b-a3b.json")
+    plan = LaunchPlan(tp=8, quantization="modelopt_fp8", moe_backend="flashinfer_cutlass")
+    assert check(qwen, plan, H200x8) == []
+    [ep] = check(qwen, LaunchPlan(tp=8, ep=2, moe_backend="flashinfer_cutlass"), H200x8)
+    assert ep.rule_id == "cutlass-needs-fp4-or-bf16" and "EP 1 or EP = TP (8), not EP 2" in ep.message
+    assert check(qwen, LaunchPlan(tp=8, ep=8, moe_backend="flashinfer_cutlass"), H200x8) == []
+
+
+def test_vllm_cutlass_runs_fp8_block_scale_on_hopper_only():
+    """vLLM 0.32 fused_moe/experts/flashinfer_cutlass_moe.py: 128x128 FP8 block-scale on SM90."""
+    deepseek = model("deepseek-v3.json")
+    plan = LaunchPlan(engine="vllm", tp=8, ep=8, moe_backend="flashinfer_cutlass")
+    assert check(deepseek, plan, H200x8) == []
+    [b200] = check(deepseek, plan, gpu_spec("B200", 8))
+    assert b200.rule_id == "flashinfer-cutlass-scheme" and "fp8-block weights on compute capability 9.0 to 9.0" in b200.message
+    nvfp4 = LaunchPlan(engine="vllm", tp=8, quantization="modelopt_fp4", moe_backend="flashinfer_cutlass")
+    assert ids(check(model("qwen3-30b-a3b.json"), nvfp4, H200x8)) == ["flashinfer-cutlass-scheme"]
+
+
+def test_sglang_accepts_compatible_quantization_pairs():
+    """SGLang 0.5.23 srt/configs/model_config.py: w8a8_fp8 on compressed-tensors, quark_mxfp4 re-quantizes."""
+    kimi = model("kimi-k2-thinking.json")
+    assert kimi.quantization.method == "compressed-tensors"
+    for requested in ("w8a8_fp8", "w8a8_int8", "quark_mxfp4"):
+        plan = LaunchPlan(tp=8, ep=2, quantization=requested, trust_remote_code=True)
+        assert "quantization-conflict" not in ids(check(kimi, plan, None)), requested
+    assert ids(check(kimi, LaunchPlan(tp=8, ep=2, quantization="fp8", trust_remote_code=True), None)) == [
+        "quantization-conflict"]
+    vllm = LaunchPlan(engine="vllm", tp=8, quantization="w8a8_fp8", trust_remote_code=True)
+    assert ids(check(kimi, vllm, None)) == ["quantization-conflict"]
+
+
+def test_flags_are_rendered_by_the_engine_adapter():
+    plan = LaunchPlan(engine="sglang", tp=8, ep=2, quantization="fp8", moe_backend="triton", mem_fraction=0.8,
+                      trust_remote_code=True)
+    assert flags_of(plan) == ("--tp-size 8 --ep-size 2 --quantization fp8 --moe-runner-backend triton "
+                              "--mem-fraction-static 0.8 --trust-remote-code")
+    assert flags_of(replace(plan, engine="vllm", ep=8, mem_fraction=None, trust_remote_code=False)) == (
+        "--tensor-parallel-size 8 --enable-expert-parallel --quantization fp8 --moe-backend triton")
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def test_every_rule_records_the_engine_versions_and_sources_it_was_checked_against():
+    for rule in rules():
+        assert set(rule.checked) <= {"sglang", "vllm"}, rule.id
+        assert all(c.version and c.source for c in rule.checked.values())
+    assert [r.id for r in rules() if "sglang" not in r.checked] == ["fp8-block-unrefinable", "flashinfer-cutlass-scheme"]
+    assert [r.id for r in rules() if "vllm" not in r.checked] == ["fp8-block-alignment", "cutlass-needs-fp4-or-bf16"]
+
+
+def test_outside_the_checked_series_the_rule_runs_and_says_so(monkeypatch):
+    installed_version.cache_clear()
+    monkeypatch.setattr(get_engine("sglang"), "installed_version", lambda: ("sglang", "0.6.1"))
+    try:
+        qwen = model("qwen3-235b-a22b-instruct-2507-fp8.json")
+        [problem] = check(qwen, LaunchPlan(tp=8), None)
+        assert problem.version_note == "checked against SGLang 0.5.x, you run 0.6.1"
+        assert problem.message.endswith("(checked against SGLang 0.5.x, you run 0.6.1)")
+        [note] = version_notes("sglang")
+        assert note.startswith("preflight rules fp8-block-alignment, quantization-conflict, ")
+        assert note.endswith(": checked against SGLang 0.5.x, you run 0.6.1")
+        assert render_plan(plan_table(qwen, gpu_spec("H200", 1))).startswith(f"> sglang: {note}\n")
+        assert verdict([problem], engine="sglang")["version_notes"] == [note]
+    finally:
+        monkeypatch.undo()
+        installed_version.cache_clear()
+    assert version_notes("sglang") == []  # the venv's SGLang 0.5.23
 
 
 def test_glm_memory_on_h200_and_h100():
     glm = model("glm-4.6.json")
     [oom] = check(glm, LaunchPlan(tp=4, trust_remote_code=True), H200x8)
     assert (oom.rule_id, oom.prevents) == ("weights-fit-memory", "OOM")
-    assert "use --tp 8" in oom.message and "activations and CUDA graphs" in oom.message
+    assert "use --tp-size 8" in oom.message and "activations and CUDA graphs" in oom.message
     assert check(glm, LaunchPlan(tp=8, ep=2), H200x8) == []
     [h100] = check(glm, LaunchPlan(tp=8, ep=2), gpu_spec("H100", 8))
     assert "more than the 8 GPUs here" in h100.message
@@ -155,6 +279,13 @@ def test_plan_table_for_qwen3_235b_on_h200():
     text = render_plan(rows)
     assert text.startswith("| TP | EP |") and "`fp8-block-alignment` (QuantBlockAlignment)" in text
     assert text.index("passes") < text.index("fails")
+    assert "| `--tp-size 8 --ep-size 2 --quantization fp8` |" in text
+
+
+def test_vllm_plan_for_qwen3_235b_fp8_on_h200_passes_tp8_without_ep():
+    rows = plan_table(model("qwen3-235b-a22b-instruct-2507-fp8.json"), H200x8, engine="vllm")
+    passing = {(p.tp, p.ep, p.quantization, p.backend) for p, problems in rows if not problems}
+    assert (8, 1, None, "auto") in passing and (8, 1, "fp8", "auto") in passing
 
 
 def test_verdict_is_json_able():
@@ -164,6 +295,7 @@ def test_verdict_is_json_able():
     assert {p["rule_id"] for p in result["problems"]} == {
         "quantization-conflict", "weights-fit-memory", "trust-remote-code"}
     assert verdict([]) == {"ok": True, "problems": []}
+    assert verdict([], engine="sglang") == {"ok": True, "problems": []}  # the venv's SGLang is the checked one
 
 
 def test_rules_data_is_complete_and_consistent():
@@ -180,3 +312,56 @@ def test_gpu_catalog_lookup():
     assert gpu_spec("h100 80gb hbm3", 1).memory_bytes == 81559 * 1024**2
     with pytest.raises(ValueError, match="known: H100"):
         gpu_spec("RTX 9090", 1)
+
+
+# --------------------------------------------------------------------------- scoring against reality
+
+
+def test_prediction_block_sets_a_rule_beside_the_outcome():
+    conflict = Problem("quantization-conflict", "m", "QuantizationConflict")
+    assert prediction_block([conflict], "QuantizationConflict") == {
+        "rules": ["quantization-conflict"], "prevents": ["QuantizationConflict"],
+        "predicted": "QuantizationConflict", "outcome": "QuantizationConflict", "right": True}
+    assert prediction_block([conflict], None)["right"] is False  # it booted and served: the rule was wrong
+    assert prediction_block([], None) == {"rules": [], "prevents": [], "predicted": "success", "outcome": "success",
+                                          "right": True}
+    assert prediction_block([], "OOM")["right"] is False
+    assert prediction_block(None, "OOM") is None  # model not inspectable here: nothing was predicted
+
+
+def test_a_booted_config_records_what_preflight_said(tmp_path):
+    # Kimi-K2 is compressed-tensors: --quantization fp8 is a conflict on vLLM (and it needs remote code).
+    cfg = ServerConfig(model="Kimi", name="TP1_auto", model_path=str(CONFIGS / "kimi-k2-thinking.json"),
+                       engine="vllm-cpu", tp=1, ep=1, precision="fp8", quantization="fp8", moe_backend="auto",
+                       args=(), env=(), timeout_s=10, host="127.0.0.1", bench=BenchSpec(), known_failure=None,
+                       matrix_path="m.yaml", uses_gpus=False)
+    cell = CellRun(cfg, RunOptions(matrix_path="m.yaml", results_dir=tmp_path), lease=None, progress=print)
+    entry = cell.failure_entry(Classification("QuantizationConflict", "does not match", None))
+    assert entry["preflight"] == {
+        "rules": ["quantization-conflict", "trust-remote-code"], "prevents": ["QuantizationConflict", "TrustRemoteCode"],
+        "predicted": "QuantizationConflict", "outcome": "QuantizationConflict", "right": True}
+
+
+def test_score_prints_per_rule_accuracy(tmp_path):
+    def block(rules, prevents, outcome):
+        return {"rules": rules, "prevents": prevents, "outcome": outcome}
+
+    (tmp_path / "success_results.json").write_text(json.dumps({
+        "A::TP8_auto": {"status": "success", "preflight": block(["fp8-block-alignment"], ["QuantBlockAlignment"], "success")},
+        "B::TP1_auto": {"status": "success", "preflight": block([], [], "success")},
+        "C::TP1_auto": {"status": "success"},  # recorded before scoring existed: ignored
+    }))
+    (tmp_path / "failure_results.json").write_text(json.dumps({
+        "D::TP8_auto": {"status": "failed", "preflight": block(["fp8-block-alignment"], ["QuantBlockAlignment"],
+                                                               "QuantBlockAlignment")},
+        "E::TP4_auto": {"status": "failed", "preflight": block([], [], "OOM")},
+        "F::TP1_auto": {"status": "predicted", "rule_ids": "quantization-conflict"},
+    }))
+    proc = subprocess.run([sys.executable, "-m", "pytest_moe", "preflight", "--score", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    # fp8-block-alignment fired on A (booted fine: wrong) and D (failed as predicted: right) -> 1 of 2.
+    assert "| `fp8-block-alignment` | QuantBlockAlignment | 2 | 1 | 50% |" in lines
+    assert "booted with no rule firing: 2 (failed: OOM x1)" in lines
+    assert "skipped on a prediction, never booted (not scored): 1" in lines

@@ -16,7 +16,7 @@ import pytest
 
 from pytest_moe import server as server_mod
 from pytest_moe.engines.base import Engine, EngineSpec
-from pytest_moe.matrix import BenchSpec, ServerConfig
+from pytest_moe.configs import BenchSpec, ServerConfig
 from pytest_moe.runner import CellRun, RunOptions
 from pytest_moe.server import Server, ServerError
 
@@ -25,10 +25,15 @@ FAKE = str(Path(__file__).parent / "fakes" / "fake_engine.py")
 
 def _engine(*extra: str) -> Engine:
     return Engine(EngineSpec.from_yaml("fake", {
-        "adapter": "fake", "distributions": [], "launch": [sys.executable, FAKE], "uses_gpus": False,
+        "adapter": "fake", "family": "fake", "family_title": "Fake", "distributions": [],
+        "launch": [sys.executable, FAKE], "uses_gpus": False,
         "flags": {"model": "--model", "served_model_name": "--served-model-name", "tp": "--tp", "ep": "--ep",
-                  "quantization": "--quantization", "moe_backend": "--moe-backend", "host": "--host", "port": "--port"},
-        "ep_style": "size", "readiness_path": "/health", "models_path": "/v1/models", "profile": {},
+                  "quantization": "--quantization", "moe_backend": "--moe-backend", "mem_fraction": "--mem",
+                  "trust_remote_code": "--trust-remote-code", "host": "--host", "port": "--port"},
+        "ep_style": "size", "readiness_path": "/health", "models_path": "/v1/models",
+        "profile": {"start": "/start_profile", "stop": "/stop_profile"},
+        "default_mem_fraction": {"fraction": 0.5, "checked": {"version": "0", "source": "fake_engine.py"}},
+        "plan_backends": ["auto"],
         "moe_backends": ["auto"], "log_patterns": {"loading": "starting", "http_up": "startup complete"},
         "args": list(extra),
     }))

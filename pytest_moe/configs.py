@@ -1,0 +1,132 @@
+"""The config records every stage passes along: what one matrix cell is and how it is benchmarked.
+
+Why a leaf module (it imports nothing of pytest_moe): engines, preflight, the benchmark and the runner
+all take a ``ServerConfig``; if it lived in ``matrix.py`` they would import the matrix loader (and,
+through it, the engines and the error catalog) just to name a type.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveInt
+
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(value: str) -> str:
+    if CONTROL_CHARS.search(value):
+        raise ValueError("control characters (newline, tab, NUL, ...) are not allowed")
+    return value
+
+
+#: A string without control characters (they would break ids, logs and the server's command line).
+Text = Annotated[str, AfterValidator(_printable)]
+
+
+class StrictModel(BaseModel):
+    """Every schema block of our YAML: unknown keys rejected, no coercion ("8" is not 8), no inf/nan."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class BenchSpec(StrictModel):
+    """The benchmark shape: batch 1, 4096 in, 512 out in the seeds."""
+
+    batch_size: int = Field(1, gt=0, le=4096)
+    input_len: int = Field(4096, gt=0, le=1 << 20)
+    output_len: int = Field(512, gt=0, le=1 << 20)
+    warmup: int = Field(1, ge=0, le=100)
+
+
+class KernelSpec(StrictModel):
+    """The kernel check (seed 003): batch sizes (default: seed 003's), timing, extra tuned-config folders.
+
+    ``tuned_config_dirs`` are folders of tuned fused-MoE files (e.g. a ``benchmark_moe.py --tune``
+    run), relative to the matrix file; the server reads one only through the engine's own variable
+    (``env: {VLLM_TUNED_CONFIG_FOLDER: ...}``), see docs/kernels.md.
+    """
+
+    batch_sizes: list[Annotated[PositiveInt, Field(le=1 << 16)]] | None = Field(None, min_length=1)
+    warmup: int = Field(3, ge=0, le=1000)
+    repeats: int = Field(20, gt=0, le=10000)
+    tuned_config_dirs: list[Text] = []
+
+
+class KnownFailure(StrictModel):
+    """A config expected to fail this way: it xfails on that error type and fails on any other outcome.
+
+    A waiver has an owner and an end (pytest_moe/waivers.py): the ``issue`` tracking the failure and
+    the date it ``expires``, after which it no longer applies; ``added`` dates it for the listing.
+    """
+
+    error_type: Text
+    reason: Text
+    issue: str = Field(pattern=r"^https?://\S+$")
+    expires: date
+    added: date | None = None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One cell of the matrix: everything needed to boot, benchmark and record it."""
+
+    model: str
+    name: str
+    model_path: str
+    engine: str
+    tp: int
+    ep: int
+    precision: str
+    quantization: str | None
+    moe_backend: str
+    args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    timeout_s: float
+    host: str
+    bench: BenchSpec
+    known_failure: KnownFailure | None
+    matrix_path: str
+    #: From the engine's spec at resolve time, so this record needs no engine lookup (``vllm-cpu``: False).
+    uses_gpus: bool = True
+
+    @property
+    def id(self) -> str:
+        """``model::config``, the key of the results files and the test id."""
+        return f"{self.model}::{self.name}"
+
+    @property
+    def gpus_needed(self) -> int:
+        """GPUs this config occupies; CPU engines need none."""
+        return self.tp if self.uses_gpus else 0
+
+    @property
+    def markers(self) -> list[str]:
+        """Marker names: ``tpN``, ``gpusN``, the precision and the engine (``vllm-cpu`` → ``vllm_cpu``)."""
+        return [f"tp{self.tp}", f"gpus{self.gpus_needed}", self.precision, engine_marker(self.engine)]
+
+
+@dataclass(frozen=True)
+class Matrix:
+    path: Path
+    configs: list[ServerConfig]
+    kernel: KernelSpec = field(default_factory=KernelSpec)
+
+    def by_id(self) -> dict[str, ServerConfig]:
+        return {cfg.id: cfg for cfg in self.configs}
+
+
+def engine_marker(engine: str) -> str:
+    """The marker of an engine's configs: its name as a Python identifier (``vllm-cpu`` → ``vllm_cpu``)."""
+    return engine.replace("-", "_")
+
+
+def config_name(tp: int, ep: int, backend: str) -> str:
+    """The seeds' config naming: ``TP4_auto``, ``TP8_EP2_auto``."""
+    return f"TP{tp}" + (f"_EP{ep}" if ep > 1 else "") + f"_{backend}"
+
+
