@@ -20,6 +20,8 @@ from pytest_moe.matrix import MatrixError, file_stem, load_matrix
 from pytest_moe.redact import redact, register_secrets, secret_values_of
 from pytest_moe.results import ResultsStore
 
+from fakes.standin import fake_config, fake_engine
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "test/plugin/data/configs"
 TEST_FILE = "def test_benchmark(moe_config):\n    pass\n"
@@ -263,21 +265,10 @@ def test_secrets_never_reach_terminal_junit_or_results(pytester):
 
 
 def test_progress_lines_mask_what_we_passed_to_the_server(tmp_path):
-    from pytest_moe.engines import Engine, EngineSpec
-    from pytest_moe.matrix import BenchSpec, ServerConfig
     from pytest_moe.server import Server
 
-    engine = Engine(EngineSpec.from_yaml("fake", {
-        "adapter": "fake", "distributions": [], "launch": [sys.executable, str(ROOT / "test/plugin/fakes/fake_engine.py")],
-        "uses_gpus": False, "ep_style": "size", "readiness_path": "/health", "models_path": "/v1/models", "profile": {},
-        "flags": {"model": "--model", "served_model_name": "--served-model-name", "tp": "--tp", "ep": "--ep",
-                  "quantization": "--quantization", "moe_backend": "--moe-backend", "host": "--host", "port": "--port"},
-        "moe_backends": ["auto"], "log_patterns": {"loading": "starting", "http_up": "startup complete"},
-        "args": ["--ready-after", "1.5", "--say", "engine config: key=svc-11aa22bb"],
-    }))
-    cfg = ServerConfig(model="fake", name="TP1_auto", model_path="/m", engine="fake", tp=1, ep=1, precision="native",
-                       quantization=None, moe_backend="auto", args=(), env=(("SERVICE_API_KEY", "svc-11aa22bb"),),
-                       timeout_s=30, host="127.0.0.1", bench=BenchSpec(), known_failure=None, matrix_path="m.yaml")
+    engine = fake_engine("--ready-after", "1.5", "--say", "engine config: key=svc-11aa22bb")
+    cfg = fake_config(env=(("SERVICE_API_KEY", "svc-11aa22bb"),))
     lines: list[str] = []
     server = Server(engine, cfg, model_path="/m", served_name="ours", log_path=tmp_path / "s.log", timeout_s=30,
                     grace_s=2, progress=lines.append, progress_interval_s=0.2)

@@ -8,7 +8,6 @@ engine message. Each case counts launches from the logs the harness keeps, not f
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pytest_moe import server as server_mod
-from pytest_moe.engines.base import Engine, EngineSpec
+from pytest_moe.engines.base import Engine
 from pytest_moe.errors import Classification
 from pytest_moe.matrix import BenchSpec, ServerConfig
 from pytest_moe.report import junit_properties, summary_markdown
@@ -25,6 +24,8 @@ from pytest_moe.retries import RetryPolicyError, load_policy, parse_policy
 from pytest_moe.runner import CellRun, RunOptions
 from pytest_moe.server import ServerError
 
+from fakes.standin import fake_config, fake_engine
+
 FAKE = str(Path(__file__).parent / "fakes" / "fake_engine.py")
 OOM_LINE = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
 # An engine message no pattern knows, with what changes between runs: pid, port, a path, a hex id.
@@ -32,22 +33,11 @@ UNKNOWN_LINE = "RuntimeError: expert map of rank {pid} at /tmp/run-{port}/expert
 
 
 def _engine(*extra: str) -> Engine:
-    return Engine(EngineSpec.from_yaml("fake", {
-        "adapter": "fake", "distributions": [], "launch": [sys.executable, FAKE], "uses_gpus": False,
-        "flags": {"model": "--model", "served_model_name": "--served-model-name", "tp": "--tp", "ep": "--ep",
-                  "quantization": "--quantization", "moe_backend": "--moe-backend", "host": "--host", "port": "--port"},
-        "ep_style": "size", "readiness_path": "/health", "models_path": "/v1/models", "profile": {},
-        "moe_backends": ["auto"], "log_patterns": {"loading": "starting", "http_up": "startup complete"},
-        "args": list(extra),
-    }))
+    return fake_engine(*extra)
 
 
 def _cfg(name: str = "TP1_auto", tp: int = 1) -> ServerConfig:
-    return ServerConfig(
-        model="fake", name=name, model_path="/m", engine="fake", tp=tp, ep=1, precision="native",
-        quantization=None, moe_backend="auto", args=(), env=(), timeout_s=30, host="127.0.0.1",
-        bench=BenchSpec(batch_size=1, input_len=8, output_len=4, warmup=0), known_failure=None, matrix_path="m.yaml",
-    )
+    return fake_config(name, tp, bench=BenchSpec(batch_size=1, input_len=8, output_len=4, warmup=0))
 
 
 def _say(tmp_path: Path, line: str) -> str:

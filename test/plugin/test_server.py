@@ -5,7 +5,6 @@ timing-sensitive cases here fast and deterministic.
 """
 
 import socket
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,36 +14,22 @@ import psutil
 import pytest
 
 from pytest_moe import server as server_mod
-from pytest_moe.engines.base import Engine, EngineSpec
-from pytest_moe.configs import BenchSpec, ServerConfig
+from pytest_moe.engines.base import Engine
+from pytest_moe.configs import ServerConfig
 from pytest_moe.runner import CellRun, RunOptions
 from pytest_moe.server import Server, ServerError
+
+from fakes.standin import fake_config, fake_engine
 
 FAKE = str(Path(__file__).parent / "fakes" / "fake_engine.py")
 
 
 def _engine(*extra: str) -> Engine:
-    return Engine(EngineSpec.from_yaml("fake", {
-        "adapter": "fake", "family": "fake", "family_title": "Fake", "distributions": [],
-        "launch": [sys.executable, FAKE], "uses_gpus": False,
-        "flags": {"model": "--model", "served_model_name": "--served-model-name", "tp": "--tp", "ep": "--ep",
-                  "quantization": "--quantization", "moe_backend": "--moe-backend", "mem_fraction": "--mem",
-                  "trust_remote_code": "--trust-remote-code", "host": "--host", "port": "--port"},
-        "ep_style": "size", "readiness_path": "/health", "models_path": "/v1/models",
-        "profile": {"start": "/start_profile", "stop": "/stop_profile"},
-        "default_mem_fraction": {"fraction": 0.5, "checked": {"version": "0", "source": "fake_engine.py"}},
-        "plan_backends": ["auto"],
-        "moe_backends": ["auto"], "log_patterns": {"loading": "starting", "http_up": "startup complete"},
-        "args": list(extra),
-    }))
+    return fake_engine(*extra)
 
 
 def _cfg(timeout_s: float = 30) -> ServerConfig:
-    return ServerConfig(
-        model="fake", name="TP1_auto", model_path="/m", engine="fake", tp=1, ep=1, precision="native",
-        quantization=None, moe_backend="auto", args=(), env=(), timeout_s=timeout_s, host="127.0.0.1",
-        bench=BenchSpec(), known_failure=None, matrix_path="m.yaml",
-    )
+    return fake_config(timeout_s=timeout_s)
 
 
 def _server(tmp_path, *extra, timeout_s=30, **kw) -> Server:

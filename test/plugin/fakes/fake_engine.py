@@ -53,15 +53,18 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
-        """A streamed /v1/completions of ``max_tokens`` one-letter tokens, so the benchmark can run."""
+        """A streamed /v1/completions of ``max_tokens`` one-letter tokens per prompt, so the benchmark can run."""
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         n = int(body.get("max_tokens", 1))
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
+        prompt = body.get("prompt")
+        batch = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], list) else 1
         for _ in range(n):
-            self.wfile.write(b'data: {"choices": [{"index": 0, "text": "a"}]}\n\n')
-        self.wfile.write(b'data: {"choices": [], "usage": {"completion_tokens": %d}}\n\n' % n)
+            for index in range(batch):  # each chunk carries its token id, as return_token_ids asks
+                self.wfile.write(b'data: {"choices": [{"index": %d, "text": "a", "token_ids": [97]}]}\n\n' % index)
+        self.wfile.write(b'data: {"choices": [], "usage": {"completion_tokens": %d}}\n\n' % (n * batch))
         self.wfile.write(b"data: [DONE]\n\n")
 
     def log_message(self, *a):
