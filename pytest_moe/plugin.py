@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from pytest_moe import gpus
-from pytest_moe.args import seconds
+from pytest_moe.args import bounded_int, seconds
+from pytest_moe.retries import MAX_RETRIES
 from pytest_moe.configs import Matrix, ServerConfig, engine_marker
 from pytest_moe.engines import EngineTableError, engine_names
 from pytest_moe.errors import Classification
@@ -26,7 +27,7 @@ from pytest_moe.preflight import Problem
 from pytest_moe.report import failure_text, junit_properties, summary_markdown
 from pytest_moe.redact import redact
 from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsError, ResultsStore
-from pytest_moe.retries import retries_option
+
 from pytest_moe.runner import INTERRUPTED_TYPE, CellRun, RunOptions, crashed_worker_entry, predicted_entry
 from pytest_moe.selection import decide, run_order, unknown_config_ids
 from pytest_moe.server import kill_tree
@@ -63,7 +64,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="boot configs that preflight predicts to fail (to check a rule against the engine)")
     group.addoption("--moe-progress-interval", metavar="S", type=seconds(0, allow_zero=False), default=30.0,
                     help="seconds between progress lines while a server loads (default: 30)")
-    group.addoption("--moe-retries", metavar="N", type=retries_option, default=None,
+    group.addoption("--moe-retries", metavar="N", type=bounded_int(0, MAX_RETRIES), default=None,
                     help="retries of a failed launch, for the types the retry policy retries (default: the policy's)")
 
 

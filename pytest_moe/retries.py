@@ -39,12 +39,16 @@ def _known(value: str) -> str:
     return value
 
 
+#: The most retries a type may get: a boot costs up to 30 minutes on a GPU runner.
+MAX_RETRIES = 5
+
+
 class RetryRule(_Strict):
     """Retry failures of one type (whose deciding line matches ``match``) up to ``retries`` times."""
 
     error_type: str
     match: str | None = None
-    retries: int = Field(ge=0, le=5)
+    retries: int = Field(ge=0, le=MAX_RETRIES)
     why: str = Field(min_length=1)
 
     @field_validator("error_type")
@@ -159,16 +163,3 @@ def entry_fields(attempts: list[Attempt], *, passed: bool, scrub: Callable[[str]
         first_attempt_error_message=scrub(attempts[0].message),
     )
     return fields
-
-
-def retries_option(text: str) -> int:
-    """``--moe-retries N``: a count from 0 (no retries) to 5; anything else is a usage error."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--moe-retries takes a whole number of retries, got {text!r}") from None
-    if not 0 <= value <= 5:
-        raise argparse.ArgumentTypeError(f"--moe-retries must be between 0 and 5, got {value}")
-    return value
