@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -106,9 +106,25 @@ class ModelEntry(_Strict):
     known_failures: dict[str, KnownFailure] = {}
 
 
+class HistorySettings(_Strict):
+    """How the run history judges tonight (docs/history.md): relative thresholds per metric and per model."""
+
+    baseline_nights: int = Field(7, gt=0)
+    min_nights: int = Field(3, gt=0)
+    noise_k: float = Field(3.0, gt=0)
+    default_relative: float = Field(0.05, ge=0)
+    relative: dict[str, float] = {}
+    models: dict[str, dict[str, float]] = {}
+
+    def relative_for(self, model: str, metric: str) -> float:
+        """Model-specific threshold > metric threshold > the default."""
+        return self.models.get(model, {}).get(metric, self.relative.get(metric, self.default_relative))
+
+
 class MatrixFile(_Strict):
     defaults: Defaults = Defaults()
     rules: list[Rule] = []
+    history: HistorySettings = HistorySettings()
     models: dict[str, ModelEntry]
 
 
@@ -153,6 +169,7 @@ class ServerConfig:
 class Matrix:
     path: Path
     configs: list[ServerConfig]
+    history: HistorySettings = field(default_factory=HistorySettings)
 
     def by_id(self) -> dict[str, ServerConfig]:
         return {cfg.id: cfg for cfg in self.configs}
@@ -185,7 +202,7 @@ def load_matrix(path: str | Path) -> Matrix:
         parsed = MatrixFile.model_validate(data)
     except ValidationError as exc:
         raise MatrixError(_describe_validation_error(exc, locate)) from None
-    return Matrix(path=path, configs=_expand(parsed, locate))
+    return Matrix(path=path, configs=_expand(parsed, locate), history=parsed.history)
 
 
 def _expand(parsed: MatrixFile, locate: _Locator) -> list[ServerConfig]:

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from pytest_moe import gpus
+from pytest_moe import gpus, hookspecs
 from pytest_moe.errors import Classification
+from pytest_moe.history.plugin import HistoryPlugin, add_history_options
 from pytest_moe.matrix import Matrix, MatrixError, ServerConfig, load_matrix
 from pytest_moe.preflight import Problem
 from pytest_moe.report import failure_text, junit_properties, summary_markdown
@@ -55,12 +56,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="boot configs that preflight predicts to fail (to check a rule against the engine)")
     group.addoption("--moe-progress-interval", metavar="S", type=float, default=30.0,
                     help="seconds between progress lines while a server loads (default: 30)")
+    add_history_options(parser, group)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)
     config.pluginmanager.register(MoESession(config), "moe-session")
+    config.pluginmanager.register(HistoryPlugin(config, lambda: config.stash.get(_MATRIX, None)), "moe-history")
 
 
 class MoESession:
@@ -155,6 +162,7 @@ class MoESession:
         if problems and report.when == "setup" and report.skipped:
             entry = predicted_entry(_config(item), self.options, problems)
             self.store.record_failure(_config(item).id, entry)
+            self._recorded(_config(item).id, entry, "predicted")
             report.user_properties = list(report.user_properties) + [("moe_id", _config(item).id), *junit_properties(entry)]
             return report
         cell = item.stash.get(_CELL, None)
@@ -170,6 +178,7 @@ class MoESession:
             entry = cell.record_failure(self.store, classification)
             report.sections.append(("pytest-moe", failure_text(entry)))
         _apply_known_failure(report, cell.cfg, entry)
+        self._recorded(cell.cfg.id, entry, "xfailed" if entry.get("status") == "xfailed" else report.outcome)
         props = [("moe_id", cell.cfg.id), *junit_properties(entry)]
         item.user_properties.extend(props)
         report.user_properties = list(report.user_properties) + props
@@ -181,6 +190,7 @@ class MoESession:
             if cell.recorded is None:
                 message = f"run interrupted ({excinfo.exconly()}) before {cell.cfg.id} finished"
                 self.outcomes.append(cell.record_failure(self.store, Classification(INTERRUPTED_TYPE, message, None)))
+                self._recorded(cell.cfg.id, cell.recorded, "interrupted")
 
     @pytest.hookimpl(optionalhook=True, tryfirst=True)
     def pytest_timeout_set_timer(self, item: pytest.Item, settings: Any) -> bool | None:
@@ -211,6 +221,7 @@ class MoESession:
             if cell.recorded is None:
                 message = f"Timeout >{settings.timeout}s (pytest-timeout, thread method) in {cell.cfg.id}"
                 cell.record_failure(self.store, Classification("Timeout", message, None))
+                self._recorded(cell.cfg.id, cell.recorded, "timeout")
             if cell.server is not None and cell.server.proc is not None:
                 kill_tree(cell.server.proc.pid, grace_s=0)
         exit_via(item, settings)
@@ -223,7 +234,11 @@ class MoESession:
             return
         entry = crashed_worker_entry(config_id, self.options, f"pytest-xdist worker crashed while running {config_id}")
         self.store.record_failure(config_id, entry)
+        self._recorded(config_id, entry, "crashed")
         self.outcomes.append({"moe_id": config_id, **entry})
+
+    def _recorded(self, key: str, entry: dict[str, Any], outcome: str) -> None:
+        self.config.hook.pytest_moe_entry_recorded(config=self.config, key=key, entry=entry, outcome=outcome)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Collect outcomes here: under xdist this runs in the controller with the workers' properties."""
