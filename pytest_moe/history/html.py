@@ -75,7 +75,7 @@ def render(data: ReportData, title: str = "pytest-moe morning report") -> str:
         f"<p class=meta>{len(runs)} nights ({_date(runs[0]) if runs else '-'} → {_date(runs[-1]) if runs else '-'}), "
         f"{len(configs)} configs. Generated {utcnow():%Y-%m-%d %H:%M} UTC. Click any point or cell for its provenance "
         f"and reproduce command.</p>",
-        "<div id=detail class=detail>Click a point or a grid cell.</div>",
+        "<div id=detail class=detail hidden></div>",
         _changes_html(data.changes),
     ]
     by_model: dict[str, list[str]] = defaultdict(list)
@@ -99,7 +99,8 @@ class _Details:
     def __init__(self, runs: list[dict[str, Any]], cfg_index: dict[str, int]):
         self.run_index = {r["run_id"]: i for i, r in enumerate(runs)}
         self.run_info = [
-            {k: (str(v) if v is not None else None) for k, v in r.items() if k != "source"} for r in runs
+            {k: (v.isoformat(sep=" ", timespec="minutes") if isinstance(v, datetime) else v) for k, v in r.items() if k != "source"}
+            for r in runs
         ]
         self.cfg_index = cfg_index
         self.prov: list[dict[str, Any]] = []
@@ -266,7 +267,7 @@ def _e(text: Any) -> str:
 
 
 _STYLE = """
-body{font:14px/1.4 system-ui,sans-serif;margin:20px;color:#222;max-width:1400px}
+body{font:14px/1.4 system-ui,sans-serif;margin:20px;padding-bottom:34vh;color:#222;max-width:1400px}
 h1{margin:0 0 4px}.meta{color:#555}
 table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #ddd;padding:3px 6px;text-align:left}
 tr.bad td{background:#fde8e8}tr.good td{background:#e6f4ea}tr.flip td{background:#fff6dc}
@@ -281,8 +282,9 @@ svg.chart{width:640px;height:220px;display:block}.plot{fill:#fafafa;stroke:#ccc}
 .legend i{display:inline-block;width:10px;height:10px;margin-right:4px;vertical-align:middle}
 .gridwrap{overflow:auto;max-height:70vh}table.grid td{width:12px;height:12px;padding:0;cursor:pointer}
 table.grid th{font-size:10px;font-weight:400;white-space:nowrap}th.cid{position:sticky;left:0;background:#fff}
-.detail{position:sticky;top:0;z-index:2;background:#f4f6fb;border:1px solid #c9d2e3;padding:8px;white-space:pre-wrap;
-font:12px/1.35 ui-monospace,monospace;max-height:30vh;overflow:auto}
+.detail{position:fixed;left:20px;right:20px;bottom:12px;z-index:2;background:#f4f6fb;border:1px solid #c9d2e3;padding:8px;
+white-space:pre-wrap;font:12px/1.35 ui-monospace,monospace;max-height:30vh;overflow:auto;box-shadow:0 2px 10px #0003}
+.detail[hidden]{display:none}
 """
 
 _SCRIPT = """
@@ -297,7 +299,7 @@ _SCRIPT = """
       '  ·  MoE backend: '+(p.moe_backend||'-')+' → kernel '+(p.moe_kernel||'unknown'));
     lines.push('GPU: '+(p.gpu_name||'-')+' ×'+(p.gpu_count==null?'-':p.gpu_count)+'  ·  driver '+(r.gpu_driver||'-')+'  ·  CUDA '+(r.cuda_version||'-'));
     lines.push('run '+r.run_id+'  ·  host '+(r.host||'-')+'  ·  pytest-moe '+(r.pytest_moe_version||'-')+'  ·  suite commit '+(r.suite_commit||'-')+'  ·  config hash '+(p.config_hash||'-'));
-    panel.textContent=lines.join('\\n');
+    panel.textContent=lines.join('\\n');panel.hidden=false;
   }
   document.addEventListener('click',function(e){var t=e.target.closest('[data-c]');if(t){show(+t.getAttribute('data-c'));}});
 })();
