@@ -55,9 +55,9 @@ def collect(store: HistoryStore, since: timedelta | None, settings: HistorySetti
     first = next((i for i, r in enumerate(all_runs) if cutoff is None or r["started_at"] >= cutoff), len(all_runs))
     shown = all_runs[first:]
     loaded = all_runs[max(0, first - settings.baseline_nights):]
-    rows = store.rows(run_ids=[r["run_id"] for r in loaded]) if loaded else []
+    rows = store.rows(run_ids=[r["run_id"] for r in loaded], slim=True) if loaded else []
     judged = judge_series(rows, settings)
-    changes = compare(rows, {shown[-1]["run_id"]}, settings) if shown else Changes([], [], 0)
+    changes = compare(rows, {shown[-1]["run_id"]}, settings, judged) if shown else Changes([], [], 0)
     shown_ids = {r["run_id"] for r in shown}
     return ReportData(shown, [r for r in rows if r["run_id"] in shown_ids], changes, judged)
 
@@ -69,7 +69,8 @@ def render(data: ReportData, title: str = "pytest-moe morning report") -> str:
     cfg_index = {c: i for i, c in enumerate(configs)}
     details = _Details(runs, cfg_index)
     for row in data.rows:
-        details.add(row)
+        if row["check_name"] == OUTCOME_CHECK:
+            details.add(row)
     parts = [
         f"<h1>{_e(title)}</h1>",
         f"<p class=meta>{len(runs)} nights ({_date(runs[0]) if runs else '-'} → {_date(runs[-1]) if runs else '-'}), "
@@ -82,8 +83,11 @@ def render(data: ReportData, title: str = "pytest-moe morning report") -> str:
     for cid in configs:
         by_model[cid.partition("::")[0]].append(cid)
     parts.append("<h2>Trends</h2>")
+    smallest: dict[tuple[str, str, str], list[Point]] = {}
+    for key in sorted(data.judged, key=lambda k: k[3], reverse=True):  # smallest batch size written last
+        smallest[key[:3]] = data.judged[key]
     for model in sorted(by_model):
-        charts = [_chart(model, by_model[model], check, name, data, run_index, details) for check, name in CHARTS]
+        charts = [_chart(model, by_model[model], check, name, data, run_index, details, smallest) for check, name in CHARTS]
         charts = [c for c in charts if c]
         if charts:
             parts.append(f"<section class=model><h3>{_e(model)}</h3><div class=charts>{''.join(charts)}</div></section>")
@@ -159,17 +163,15 @@ def _changes_html(changes: Changes) -> str:
     return "\n".join(out)
 
 
-def _chart(model: str, cids: list[str], check: str, name: str, data: ReportData, run_index: dict[str, int], details: _Details) -> str:
+def _chart(model: str, cids: list[str], check: str, name: str, data: ReportData, run_index: dict[str, int],
+           details: _Details, smallest: dict[tuple[str, str, str], list[Point]]) -> str:
     m = metric(check, name)
     series: list[tuple[str, list[Point]]] = []
     for cid in cids:
-        candidates = [(key, pts) for key, pts in data.judged.items() if key[0] == cid and key[1] == check and key[2] == name]
-        if not candidates:
-            continue
-        key, pts = min(candidates, key=lambda kp: kp[0][3])  # the smallest batch size
-        pts = [p for p in pts if p.run_id in run_index]
+        pts = [p for p in smallest.get((cid, check, name), ()) if p.run_id in run_index]
         if pts:
-            series.append((f"{cid.partition('::')[2]}" + (f" (batch {key[3]})" if key[3] else ""), pts))
+            batch = pts[0].row["batch_size"]
+            series.append((f"{cid.partition('::')[2]}" + (f" (batch {batch})" if batch else ""), pts))
     if not series:
         return ""
     values = [v for _, pts in series for p in pts for v in (p.verdict.value, p.verdict.low, p.verdict.high) if v is not None]
@@ -200,18 +202,21 @@ def _chart(model: str, cids: list[str], check: str, name: str, data: ReportData,
             svg.append(f'<polygon class=band points="{upper} {lower}" fill="{colour}"><title>{_e(label)}: noise band</title></polygon>')
         line = " ".join(f"{x(run_index[p.run_id]):.1f},{y(p.verdict.value):.1f}" for p in pts)
         svg.append(f'<polyline class=line points="{line}" stroke="{colour}" />')
+        # Plain points carry only their value; hovering shows the rest from the page's data (keeps 90 nights
+        # × 100 configs to a few MB). Regressions and improvements also carry a native tooltip with the band.
+        svg.append(f'<g fill="{colour}">')
         for p in pts:
             cx, cy, v = x(run_index[p.run_id]), y(p.verdict.value), p.verdict
-            tip = f"{label} · {_date(data.runs[run_index[p.run_id]])} · {m.label} {_num(v.value)} {m.unit}"
-            if v.median is not None:
-                tip += f" · median {_num(v.median)}, band {_num(v.low)}–{_num(v.high)} · {v.state.value}"
             cell = details.index(p.row)
-            if v.state is State.REGRESSED:
-                svg.append(f'<path class="mark bad" data-c="{cell}" d="M{cx:.1f},{cy + 7:.1f} l-6,-11 h12 z"><title>{_e(tip)}</title></path>')
-            elif v.state is State.IMPROVED:
-                svg.append(f'<path class="mark good" data-c="{cell}" d="M{cx:.1f},{cy - 7:.1f} l-6,11 h12 z"><title>{_e(tip)}</title></path>')
+            if v.state in (State.REGRESSED, State.IMPROVED):
+                tip = (f"{label} · {_date(data.runs[run_index[p.run_id]])} · {m.label} {_num(v.value)} {m.unit} · "
+                       f"median {_num(v.median)}, band {_num(v.low)}–{_num(v.high)} · {v.state.value}")
+                shape = f"M{cx:.1f},{cy + 7:.1f} l-6,-11 h12 z" if v.state is State.REGRESSED else f"M{cx:.1f},{cy - 7:.1f} l-6,11 h12 z"
+                cls = "bad" if v.state is State.REGRESSED else "good"
+                svg.append(f'<path class="mark {cls}" data-c="{cell}" data-v="{_num(v.value)}" d="{shape}"><title>{_e(tip)}</title></path>')
             else:
-                svg.append(f'<circle class=pt data-c="{cell}" cx="{cx:.1f}" cy="{cy:.1f}" r="2.6" fill="{colour}"><title>{_e(tip)}</title></circle>')
+                svg.append(f'<circle data-c="{cell}" data-v="{_num(v.value)}" cx="{cx:.1f}" cy="{cy:.1f}" r="2.6"/>')
+        svg.append("</g>")
         legend.append(f'<span><i style="background:{colour}"></i>{_e(label)}</span>')
     svg.append("</svg>")
     unit = f" ({m.unit})" if m.unit else ""
@@ -275,7 +280,7 @@ b.bad{color:#b00020}b.good{color:#1b7f3b}
 .charts{display:flex;flex-wrap:wrap;gap:12px}.fig{margin:0;border:1px solid #e3e3e3;padding:6px;background:#fff}
 .fig figcaption{font-weight:600}.fig small{color:#777;font-weight:400}
 svg.chart{width:640px;height:220px;display:block}.plot{fill:#fafafa;stroke:#ccc}
-.line{fill:none;stroke-width:1.6}.band{opacity:.13}.pt{cursor:pointer}
+.line{fill:none;stroke-width:1.6}.band{opacity:.13}circle{cursor:pointer}
 .mark{cursor:pointer;stroke:#000;stroke-width:.6}.mark.bad{fill:#d62728}.mark.good{fill:#2ca02c}
 .ax{font-size:10px;fill:#555}.ax.end{text-anchor:end}
 .legend span{display:inline-block;margin:2px 10px 2px 0;font-size:12px}
@@ -291,8 +296,8 @@ _SCRIPT = """
 (function(){
   var D=JSON.parse(document.getElementById('moe-data').textContent);
   var panel=document.getElementById('detail');
-  function show(i){
-    var c=D.cells[i],r=D.runs[c.r],p=D.prov[c.p],lines=[c.c+'  ·  night '+r.started_at+'  ·  '+(c.s||'')+(c.e?' ('+c.e+')':'')];
+  function show(i,value){
+    var c=D.cells[i],r=D.runs[c.r],p=D.prov[c.p],lines=[c.c+'  ·  night '+r.started_at+'  ·  '+(c.s||'')+(c.e?' ('+c.e+')':'')+(value?'  ·  value '+value:'')];
     lines.push('reproduce: '+(p.repro_command||'-'));
     lines.push('server command: '+(p.server_command||'-'));
     lines.push('engine: '+(p.engine||'-')+' '+(p.engine_version||'')+(p.engine_commit?' @'+p.engine_commit:'')+
@@ -301,7 +306,9 @@ _SCRIPT = """
     lines.push('run '+r.run_id+'  ·  host '+(r.host||'-')+'  ·  pytest-moe '+(r.pytest_moe_version||'-')+'  ·  suite commit '+(r.suite_commit||'-')+'  ·  config hash '+(p.config_hash||'-'));
     panel.textContent=lines.join('\\n');panel.hidden=false;
   }
-  document.addEventListener('click',function(e){var t=e.target.closest('[data-c]');if(t){show(+t.getAttribute('data-c'));}});
+  function pick(e){var t=e.target.closest('[data-c]');if(t){show(+t.getAttribute('data-c'),t.getAttribute('data-v'));}}
+  document.addEventListener('click',pick);
+  document.addEventListener('mouseover',function(e){if(e.target.tagName==='circle'){pick(e);}});
 })();
 """
 

@@ -75,8 +75,11 @@ OUTCOME_CHECK = "outcome"
 STATUS_METRIC = "status"
 
 
+_BY_NAME = {(m.check, m.name): m for ms in METRICS.values() for m in ms}
+
+
 def metric(check: str, name: str) -> Metric | None:
-    return next((m for m in METRICS.get(check, ()) if m.name == name), None)
+    return _BY_NAME.get((check, name))
 
 
 @dataclass(frozen=True)
