@@ -144,3 +144,20 @@ def test_report_renders_in_headless_chromium(history, tmp_path):
     assert shot.stat().st_size > 10_000
     if os.environ.get("PYTEST_MOE_DOCS_SCREENSHOT") == "1":
         shutil.copy(shot, ROOT / "docs" / "report.png")
+
+
+def test_nightly_workflow_keeps_history_outside_the_workspace_and_ends_with_one_report():
+    import yaml
+
+    wf = yaml.safe_load((ROOT / ".github/workflows/nightly.yml").read_text())
+    matrix_env = wf["jobs"]["matrix"]["env"]
+    assert "secrets.PYTEST_MOE_HISTORY_URL" in matrix_env["PYTEST_MOE_HISTORY"]
+    assert "github.run_id" in matrix_env["PYTEST_MOE_RUN_ID"]  # the GPU-count jobs append to one run
+    job = wf["jobs"]["report"]
+    assert job["needs"] == "matrix" and job["if"] == "always()"
+    runs = "\n".join(s.get("run", "") for s in job["steps"])
+    assert "python -m pytest_moe merge artifacts/*/ --out merged" in runs
+    assert "python -m pytest_moe report --html merged/report.html" in runs and "$GITHUB_STEP_SUMMARY" in runs
+    download = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/download-artifact"))
+    upload = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact"))
+    assert "github.run_id" in download["with"]["pattern"] and upload["with"]["path"] == "merged"
