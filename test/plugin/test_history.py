@@ -387,3 +387,22 @@ def test_merge_follows_seed_001_rules(tmp_path):
     assert set(failures) == {"M::Y", "M::Z"}  # X's later success removed its failure
     assert (out / "logs" / "x.log").read_text() == "a" and (out / "junit-2gpu.xml").exists()
     assert (merged.successes, merged.failures) == (2, 2)
+
+
+def test_cli_merge_and_import_errors_are_one_sentence(tmp_path, capsys):
+    from pytest_moe.cli import main
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "success_results.json").write_text("[1, 2]")
+    url = f"sqlite:///{tmp_path / 'h.sqlite'}"
+    assert main(["merge", str(tmp_path / "a"), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'a' / 'success_results.json'}: not a results file (expected {{\"Model::Config\": entry}})\n"
+    assert main(["history", "import", str(tmp_path / "a"), "--moe-history", url]) == 2
+    assert "not a results file" in capsys.readouterr().err
+    assert main(["history", "import", str(tmp_path / "a"), "--moe-history", "mysql+nodriver://x/y"]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot use history URL mysql+nodriver://x/y")
+    (tmp_path / "a" / "success_results.json").write_text(json.dumps({"M::TP1_auto": bench_entry("M", "TP1_auto", 80.0)}))
+    assert main(["history", "import", str(tmp_path / "a"), "--moe-history", url]) == 0
+    assert "1 entries, 7 rows" in capsys.readouterr().out  # flat entry: outcome + benchmark status + 5 metrics
+    assert main(["history", "import", str(tmp_path / "a"), "--moe-history", url]) == 0
+    assert "already imported" in capsys.readouterr().out
