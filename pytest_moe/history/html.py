@@ -49,15 +49,23 @@ class ReportData:
 
 
 def collect(store: HistoryStore, since: timedelta | None, settings: HistorySettings) -> ReportData:
-    """The window's runs plus the ``baseline_nights`` runs before it, so its first nights have baselines too."""
+    """What the page shows, read in two slices so 90 nights × 100 configs stay fast.
+
+    * the chart metrics and outcomes of the window's nights plus the ``baseline_nights`` before it (so the
+      first nights shown have baselines too);
+    * every metric of the last night and the ``baseline_nights`` before it, for "what changed".
+    """
     all_runs = store.runs()
     cutoff = utcnow() - since if since else None
     first = next((i for i, r in enumerate(all_runs) if cutoff is None or r["started_at"] >= cutoff), len(all_runs))
     shown = all_runs[first:]
-    loaded = all_runs[max(0, first - settings.baseline_nights):]
-    rows = store.rows(run_ids=[r["run_id"] for r in loaded], slim=True) if loaded else []
+    if not shown:
+        return ReportData([], [], Changes([], [], 0), {})
+    loaded = [r["run_id"] for r in all_runs[max(0, first - settings.baseline_nights):]]
+    rows = store.rows(run_ids=loaded, slim=True, metrics=[*CHARTS, (OUTCOME_CHECK, STATUS_METRIC)])
     judged = judge_series(rows, settings)
-    changes = compare(rows, {shown[-1]["run_id"]}, settings, judged) if shown else Changes([], [], 0)
+    recent = [r["run_id"] for r in all_runs[-settings.baseline_nights - 1:]]
+    changes = compare(store.rows(run_ids=recent, slim=True), {shown[-1]["run_id"]}, settings)
     shown_ids = {r["run_id"] for r in shown}
     return ReportData(shown, [r for r in rows if r["run_id"] in shown_ids], changes, judged)
 
