@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pytest_moe.engines import engine_names, get_engine
 from pytest_moe.errors import ERROR_TYPES
+from pytest_moe.history.rows import METRIC_NAMES
 
 
 class MatrixError(ValueError):
@@ -115,6 +116,16 @@ class HistorySettings(_Strict):
     default_relative: float = Field(0.05, ge=0)
     relative: dict[str, float] = {}
     models: dict[str, dict[str, float]] = {}
+
+    @field_validator("relative", "models")
+    @classmethod
+    def _known_metrics(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """A misspelt metric would silently keep the default threshold."""
+        names = [k for k in value if isinstance(value[k], (int, float))] + [k for v in value.values() if isinstance(v, dict) for k in v]
+        unknown = sorted(set(names) - set(METRIC_NAMES))
+        if unknown:
+            raise ValueError(f"unknown metric {unknown[0]!r} (allowed: {', '.join(METRIC_NAMES)})")
+        return value
 
     def relative_for(self, model: str, metric: str) -> float:
         """Model-specific threshold > metric threshold > the default."""

@@ -21,7 +21,9 @@ import pytest
 
 from pytest_moe.history.regress import Change, changes_markdown, compare
 from pytest_moe.history.rows import entry_rows, provenance
-from pytest_moe.history.store import ENV_VAR, INI_NAME, HistoryError, HistoryStore, RunInfo, host_name, resolve_url, utcnow
+from pytest_moe.history.store import (
+    ENV_VAR, INI_NAME, HistoryError, HistoryStore, RunInfo, host_name, parse_url, resolve_url, utcnow,
+)
 from pytest_moe.matrix import HistorySettings, Matrix
 
 RUN_ID_ENV = "PYTEST_MOE_RUN_ID"
@@ -42,6 +44,11 @@ class HistoryPlugin:
         self.config = config
         self._matrix = matrix
         self.url = resolve_url(config.getoption("moe_history"), os.environ.get(ENV_VAR), config.getini(INI_NAME))
+        if self.url:
+            try:
+                parse_url(self.url)
+            except HistoryError as exc:
+                raise pytest.UsageError(f"--moe-history / ${ENV_VAR} / ini {INI_NAME}: {exc}") from None
         self.fail_on_regression: bool = config.getoption("moe_fail_on_regression")
         inherited = getattr(config, "workerinput", {}).get(_WORKER_KEY)
         if inherited:

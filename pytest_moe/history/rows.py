@@ -76,6 +76,7 @@ STATUS_METRIC = "status"
 
 
 _BY_NAME = {(m.check, m.name): m for ms in METRICS.values() for m in ms}
+METRIC_NAMES: tuple[str, ...] = tuple(dict.fromkeys(m.name for m in _BY_NAME.values()))
 
 
 def metric(check: str, name: str) -> Metric | None:

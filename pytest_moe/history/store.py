@@ -267,11 +267,19 @@ class HistoryStore:
         self.engine.dispose()
 
 
-def _create_engine(url: str) -> Engine:
+def parse_url(url: str) -> sa.engine.URL:
+    """Checked when pytest starts, so a typo is a usage error and not a lost night of history."""
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
         raise HistoryError(f"history URL {url!r} is not a database URL (e.g. sqlite:///path or postgresql://host/db)") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise HistoryError(f"history URL {parsed.render_as_string(hide_password=True)}: only sqlite and postgresql are supported")
+    return parsed
+
+
+def _create_engine(url: str) -> Engine:
+    parsed = parse_url(url)
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":

@@ -400,9 +400,18 @@ def test_cli_merge_and_import_errors_are_one_sentence(tmp_path, capsys):
     assert main(["history", "import", str(tmp_path / "a"), "--moe-history", url]) == 2
     assert "not a results file" in capsys.readouterr().err
     assert main(["history", "import", str(tmp_path / "a"), "--moe-history", "mysql+nodriver://x/y"]) == 2
-    assert capsys.readouterr().err.startswith("error: cannot use history URL mysql+nodriver://x/y")
+    assert capsys.readouterr().err == "error: history URL mysql+nodriver://x/y: only sqlite and postgresql are supported\n"
     (tmp_path / "a" / "success_results.json").write_text(json.dumps({"M::TP1_auto": bench_entry("M", "TP1_auto", 80.0)}))
     assert main(["history", "import", str(tmp_path / "a"), "--moe-history", url]) == 0
     assert "1 entries, 7 rows" in capsys.readouterr().out  # flat entry: outcome + benchmark status + 5 metrics
     assert main(["history", "import", str(tmp_path / "a"), "--moe-history", url]) == 0
     assert "already imported" in capsys.readouterr().out
+
+
+def test_matrix_history_block_rejects_an_unknown_metric(tmp_path):
+    from pytest_moe.matrix import MatrixError, load_matrix
+
+    matrix = tmp_path / "m.yaml"
+    matrix.write_text("history:\n  models: {M: {itl: 0.1}}\nmodels:\n  M: {path: x, tp: [1]}\n")
+    with pytest.raises(MatrixError, match=r"m.yaml:2: history.models: unknown metric 'itl' \(allowed: .*itl_ms"):
+        load_matrix(matrix)

@@ -96,3 +96,11 @@ def test_history_off_writes_nothing(suite):
                                            "--moe-results-dir", str(tmp_path / "res"))
     result.assert_outcomes(passed=2)
     assert not HistoryStore(url).has_run("gh-4242-1")
+
+
+def test_bad_history_url_is_a_usage_error(suite):
+    pytester, _, _ = suite
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--moe-history", "oracle://db/x")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*--moe-history / $PYTEST_MOE_HISTORY / ini moe_history: history URL oracle://db/x: only sqlite and postgresql are supported*"])
+    assert "Traceback" not in result.stderr.str()
