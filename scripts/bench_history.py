@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pytest_moe.history.html import collect, render
 from pytest_moe.history.rows import entry_rows, provenance
-from pytest_moe.history.store import HistoryStore, RunInfo, utcnow
+from pytest_moe.history.store import HistoryStore, RunInfo, results, utcnow
 from pytest_moe.matrix import HistorySettings
 
 
@@ -44,8 +44,6 @@ def fill(store: HistoryStore, nights: int, configs: int) -> None:
     rnd = random.Random(0)
     start = utcnow() - timedelta(days=nights)
     keys = [(f"Model-{i // 10}", f"TP{2 ** (i % 4)}_cfg{i % 10}") for i in range(configs)]
-    from pytest_moe.history.store import results
-
     for n in range(nights):
         run = RunInfo(run_id=f"night-{n:03d}", started_at=start + timedelta(days=n), host="h200-runner")
         store.ensure_run(run)

@@ -198,7 +198,7 @@ class HistoryStore:
     def record(self, run: RunInfo, prov: ConfigProvenance, rows: Iterable[Row]) -> int:
         """One config's rows in one transaction: all of them are in the history, or none."""
         now = utcnow()
-        common = {k: v for k, v in asdict(prov).items()}
+        common = asdict(prov)
         values = [
             {
                 **common, "run_id": run.run_id, "check_name": r.check, "metric": r.metric, "batch_size": r.batch_size,
