@@ -9,13 +9,15 @@ cd "$(dirname "$0")/.."
 # chromium (the HTML report is checked in it; Playwright's own browser download does not work here).
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
-[ -x /usr/lib/postgresql/15/bin/initdb ] || command -v initdb >/dev/null || missing+=(postgresql)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  as_root=()
+  [ "$(id -u)" -eq 0 ] || as_root=(sudo -n)
+  if command -v apt-get >/dev/null && "${as_root[@]}" true 2>/dev/null; then
     echo "[setup] apt-get install ${missing[*]}"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    "${as_root[@]}" apt-get update -qq && "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
   else
-    echo "[setup] not root or no apt-get: install ${missing[*]} yourself (their tests skip until then; under CI=true they fail)"
+    echo "[setup] no root, sudo or apt-get: install ${missing[*]} yourself (their tests skip until then; under CI=true they fail)"
   fi
 fi
 VENV="${PYTEST_MOE_VENV:-.venv}"

@@ -32,7 +32,9 @@ from pytest_moe.matrix import HistorySettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).parent / "data" / "history"
-PG_BIN_DIRS = (Path("/usr/lib/postgresql/15/bin"), Path("/usr/local/bin"))
+#: Debian/Ubuntu keep the server binaries off PATH, one directory per major version (newest tried first).
+PG_BIN_DIRS = (*sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0, reverse=True),
+               Path("/usr/local/bin"))
 NIGHT0 = datetime(2026, 11, 1, 2, 0)
 
 
