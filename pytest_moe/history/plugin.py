@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from pytest_moe.history.regress import Change, changes_markdown, compare
 from pytest_moe.history.rows import entry_rows, provenance
@@ -91,7 +92,7 @@ class HistoryPlugin:
             if self.fail_on_regression:
                 changes = compare(store.rows(config_ids=[key]), {self.run.run_id}, self.settings)
                 self.regressions[key] = changes.regressions_of(key)
-        except Exception as exc:  # noqa: BLE001 - a history outage must not fail the config that just ran
+        except sa.exc.SQLAlchemyError as exc:  # a history outage must not fail the config that just ran
             self.error = f"history not recorded for {key} in {store.display_url}: {str(exc).splitlines()[0]}"
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -161,11 +162,13 @@ def _driver_and_cuda() -> tuple[str | None, str | None]:
     """From NVML when a driver is there; CPU runs leave both empty."""
     try:
         import pynvml
-
+    except ImportError:
+        return None, None
+    try:
         pynvml.nvmlInit()
         driver = pynvml.nvmlSystemGetDriverVersion()
         cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
-    except Exception:  # noqa: BLE001 - no pynvml, no driver, no GPU: all mean "not a GPU run"
+    except pynvml.NVMLError:  # no driver or no GPU: not a GPU run
         return None, None
     driver = driver.decode() if isinstance(driver, bytes) else str(driver)
     return driver, f"{cuda // 1000}.{cuda % 1000 // 10}"
