@@ -11,20 +11,31 @@
 * ``waivers [--moe-matrix PATH] [--moe-results-dir DIR]`` — every ``known_failures`` waiver with its issue,
   age, expiry and last outcome; exit 1 when one has expired or no longer fails.
 * ``kernels [--moe-matrix PATH] [--gpu H200]`` — each config's fused-MoE shape and its tuned kernel config file.
+* ``history import FILES...`` — load results JSON / JUnit files (or results directories) into the history;
+* ``report --html OUT [--since 14d]`` — the morning report from the history, one self-contained HTML file;
+* ``merge DIR... --out DIR`` — one results set from several jobs' results directories (seed 001's rules).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from datetime import date
 from collections.abc import Sequence
+from pathlib import Path
 
 from pytest_moe.args import bounded_int, fraction
 from pytest_moe.engines import engine_names
 from pytest_moe.errors import classify_file
+from pytest_moe.history.html import parse_since, write_report
+from pytest_moe.history.imports import import_paths
+from pytest_moe.history.merge import merge_dirs
+from pytest_moe.history.regress import changes_markdown
+from pytest_moe.history.store import HistoryError, HistoryStore, resolve_url
+from pytest_moe.configs import HistorySettings
 from pytest_moe.matrix import MAX_TP, MatrixError, load_matrix
 from pytest_moe.models import ModelInspectionError, inspect_model
 from pytest_moe.preflight import LaunchPlan, check, gpu_spec, plan_table, render_plan, verdict
@@ -104,6 +115,40 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _history_store(args: argparse.Namespace) -> HistoryStore:
+    url = resolve_url(args.moe_history, os.environ.get("PYTEST_MOE_HISTORY"), None)
+    if url is None:
+        raise ValueError("the history is off ('off' given); pass --moe-history URL")
+    return HistoryStore(url)
+
+
+def _history_settings(args: argparse.Namespace) -> HistorySettings:
+    path = args.moe_matrix or ("model_matrix.yaml" if os.path.exists("model_matrix.yaml") else None)
+    return load_matrix(path).history if path else HistorySettings()
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    store = _history_store(args)
+    for done in import_paths(store, [Path(p) for p in args.files]):
+        state = "already imported" if done.skipped else f"{done.rows} rows"
+        print(f"{done.source}: run {done.run_id}, {done.configs} entries, {state}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    since = parse_since(args.since) if args.since else None
+    data = write_report(_history_store(args), args.html, since, _history_settings(args))
+    print(changes_markdown(data.changes), end="")
+    print(f"report: {args.html} ({len(data.runs)} nights)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    merged = merge_dirs([Path(d) for d in args.dirs], Path(args.out))
+    print(f"{args.out}: {merged.successes} successes, {merged.failures} failures, {merged.files} other files copied")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pytest_moe", description="pytest-moe command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-matrix", default="model_matrix.yaml", metavar="PATH")
     p.add_argument("--gpu", default=None, help="GPU to check tuned configs for, e.g. H200 (default: this host's)")
     p.set_defaults(func=cmd_kernels)
+    p = sub.add_parser("history", help="the run history database (import old results files)")
+    p.add_argument("action", choices=["import"])
+    p.add_argument("files", nargs="+", metavar="FILE", help="results JSON, JUnit XML, or a results directory")
+    p.add_argument("--moe-history", metavar="URL", help="database URL or SQLite path (default: $PYTEST_MOE_HISTORY, then the user cache dir)")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("report", help="the morning report from the run history")
+    p.add_argument("--html", required=True, metavar="OUT", help="write one self-contained HTML file here")
+    p.add_argument("--since", metavar="DURATION", help="only nights in this window, e.g. 14d, 36h, 2w (default: all)")
+    p.add_argument("--moe-history", metavar="URL", help="database URL or SQLite path (default: $PYTEST_MOE_HISTORY, then the user cache dir)")
+    p.add_argument("--moe-matrix", metavar="PATH", help="matrix whose history: block sets the thresholds (default: ./model_matrix.yaml if present)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("merge", help="merge several jobs' results directories into one (seed 001's rules)")
+    p.add_argument("dirs", nargs="+", metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 
@@ -162,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (MatrixError, ModelInspectionError, ValueError) as exc:
+    except (MatrixError, ModelInspectionError, ValueError, HistoryError) as exc:
         return _usage_error(str(exc))
     except KeyError as exc:  # an unknown name looked up in a table (a tiny model, a GPU)
         return _usage_error(str(exc.args[0]) if exc.args else repr(exc))

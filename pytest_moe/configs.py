@@ -71,6 +71,24 @@ class KnownFailure(StrictModel):
     added: date | None = None
 
 
+class HistorySettings(StrictModel):
+    """How the run history judges tonight (docs/history.md): relative thresholds per metric and per model.
+
+    Metric names are checked against the history's metric table when the matrix loads (matrix.py).
+    """
+
+    baseline_nights: int = Field(7, gt=0, le=1000)
+    min_nights: int = Field(3, gt=0, le=1000)
+    noise_k: float = Field(3.0, gt=0, le=100)
+    default_relative: float = Field(0.05, ge=0, le=10)
+    relative: dict[Text, Annotated[float, Field(ge=0, le=10)]] = {}
+    models: dict[Text, dict[Text, Annotated[float, Field(ge=0, le=10)]]] = {}
+
+    def relative_for(self, model: str, metric: str) -> float:
+        """Model-specific threshold > metric threshold > the default."""
+        return self.models.get(model, {}).get(metric, self.relative.get(metric, self.default_relative))
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """One cell of the matrix: everything needed to boot, benchmark and record it."""
@@ -115,6 +133,7 @@ class Matrix:
     path: Path
     configs: list[ServerConfig]
     kernel: KernelSpec = field(default_factory=KernelSpec)
+    history: HistorySettings = field(default_factory=HistorySettings)
 
     def by_id(self) -> dict[str, ServerConfig]:
         return {cfg.id: cfg for cfg in self.configs}

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
-from pytest_moe.configs import BenchSpec, KernelSpec, KnownFailure, Matrix, ServerConfig, StrictModel, Text, config_name
+from pytest_moe.configs import BenchSpec, HistorySettings, KernelSpec, KnownFailure, Matrix, ServerConfig, StrictModel, Text, config_name
 from pytest_moe.configs import CONTROL_CHARS
 from pytest_moe.engines import EngineTableError, engine_names, get_engine
 from pytest_moe.errors import ERROR_TYPES
@@ -40,6 +40,7 @@ MAX_YAML_ALIASES = 100
 MAX_YAML_NODES = 100_000
 #: Largest TP size accepted (the biggest NVLink domains are 72 GPUs; 1024 leaves room for multi-node).
 MAX_TP = 1024
+from pytest_moe.history.rows import METRIC_NAMES
 
 
 class MatrixError(ValueError):
@@ -124,6 +125,7 @@ class ModelEntry(StrictModel):
 class MatrixFile(StrictModel):
     defaults: Defaults = Defaults()
     rules: list[Rule] = []
+    history: HistorySettings = HistorySettings()
     models: dict[ModelName, ModelEntry] = Field(min_length=1)
 
 
@@ -145,7 +147,8 @@ def load_matrix(path: str | Path) -> Matrix:
         raise MatrixError(_describe_validation_error(exc, locate)) from None
     configs = _expand(parsed, locate)
     _check_file_names(configs, locate)
-    return Matrix(path=path, configs=configs, kernel=parsed.defaults.kernel)
+    _check_history_metrics(parsed.history, locate)
+    return Matrix(path=path, configs=configs, kernel=parsed.defaults.kernel, history=parsed.history)
 
 
 def read_yaml(path: Path, error: type[ValueError]) -> tuple[yaml.Node | None, Any]:
@@ -389,6 +392,15 @@ def _check_backend(engine: str, backend: str, where: tuple, locate: _Locator) ->
     allowed = get_engine(engine).spec.moe_backends
     if backend not in allowed:
         raise locate.error(where, f"unknown MoE backend {backend!r} for engine {engine} (allowed: {', '.join(allowed)})")
+
+
+def _check_history_metrics(history: HistorySettings, locate: _Locator) -> None:
+    """A misspelt metric in ``history:`` would silently keep the default threshold."""
+    places = [(("history", "relative", name), name) for name in history.relative]
+    places += [(("history", "models", model, name), name) for model, per in history.models.items() for name in per]
+    for keys, name in places:
+        if name not in METRIC_NAMES:
+            raise locate.error(keys, f"unknown metric {name!r} (allowed: {', '.join(METRIC_NAMES)})")
 
 
 def _check_known_error_types(parsed: MatrixFile, locate: _Locator) -> None:

