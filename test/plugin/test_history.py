@@ -279,7 +279,7 @@ def test_per_model_threshold_from_the_matrix_history_block(store, tmp_path):
 
     matrix = tmp_path / "m.yaml"
     matrix.write_text("defaults: {engine: vllm-cpu}\nhistory:\n  relative: {output_throughput_tok_per_s: 0.05}\n"
-                      "  models: {M: {output_throughput_tok_per_s: 0.25}}\nmodels:\n  M: {path: tiny:x, tp: [1]}\n")
+                      "  models: {M: {output_throughput_tok_per_s: 0.25}}\nmodels:\n  M: {path: tiny:tiny-qwen3-moe, tp: [1]}\n")
     settings = load_matrix(matrix).history
     for n in range(5):
         put(store, n, "M::TP1_auto", bench_entry("M", "TP1_auto", 100.0 if n < 4 else 80.0))
@@ -415,5 +415,5 @@ def test_matrix_history_block_rejects_an_unknown_metric(tmp_path):
 
     matrix = tmp_path / "m.yaml"
     matrix.write_text("history:\n  models: {M: {itl: 0.1}}\nmodels:\n  M: {path: x, tp: [1]}\n")
-    with pytest.raises(MatrixError, match=r"m.yaml:2: history.models: unknown metric 'itl' \(allowed: .*itl_ms"):
+    with pytest.raises(MatrixError, match=r"m.yaml:2: history.models.M.itl: unknown metric 'itl' \(allowed: .*itl_ms"):
         load_matrix(matrix)
