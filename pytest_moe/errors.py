@@ -77,7 +77,10 @@ ERROR_TYPES: tuple[str, ...] = tuple(t.value for t in ErrorType)
 FALLBACK_TYPE = ErrorType.SERVER_ERROR.value
 PATTERNS_FILE = "error_patterns.yaml"
 #: Who prints a message; a pattern names one so per-engine wording stays traceable.
-ENGINES = ("sglang", "vllm", "torch", "nccl", "cuda", "flashinfer", "triton", "transformers", "python", "harness")
+ENGINES = (
+    "sglang", "vllm", "torch", "nccl", "cuda", "flashinfer", "triton", "cutlass", "deepgemm", "transformers", "python",
+    "harness",
+)
 
 #: How much of a server log ``classify_file`` reads: the failure is at the end, and whole logs of
 #: multi-hour runs can be gigabytes.

@@ -424,9 +424,28 @@ def test_corpus_has_at_least_six_excerpts_of_every_type() -> None:
         assert sum(e.label == error_type for e in corpus) >= 6, error_type
 
 
-@pytest.mark.parametrize(
-    "excerpt", [e for e in load_corpus(CORPUS) if e.part is Part.DEV], ids=lambda e: e.url.removeprefix("https://github.com/")
-)
+#: Dev excerpts the rules deliberately get wrong, each with why; strict xfail, so a rule change that
+#: starts classifying one of them right (or a relabel) makes the test say so.
+KNOWN_DEV_MISSES = {
+    "https://github.com/vllm-project/vllm/issues/6145": (
+        "a worker dead of SIGTERM (exit code -15) with nothing else said is also what our own teardown "
+        "leaves in a log (see test_benign_lines_are_not_classified), so -15 alone is never a Crash"
+    ),
+}
+
+
+def _dev_param(excerpt):
+    miss = KNOWN_DEV_MISSES.get(excerpt.url)
+    marks = [pytest.mark.xfail(strict=True, reason=miss)] if miss else []
+    return pytest.param(excerpt, marks=marks, id=excerpt.url.removeprefix("https://github.com/"))
+
+
+def test_known_dev_misses_are_dev_excerpts() -> None:
+    dev = {e.url for e in load_corpus(CORPUS) if e.part is Part.DEV}
+    assert set(KNOWN_DEV_MISSES) <= dev
+
+
+@pytest.mark.parametrize("excerpt", [_dev_param(e) for e in load_corpus(CORPUS) if e.part is Part.DEV])
 def test_dev_corpus_excerpt(excerpt) -> None:
     assert classify(excerpt.excerpt).error_type == excerpt.label
 
