@@ -342,6 +342,8 @@ def test_normalize_strips_engine_launcher_and_collector_prefixes() -> None:
         "1;36m(VllmWorker rank=5 pid=33503) ERROR 03-06 06:49:30 [multiproc_executor.py:375] f",
         "│ ERROR 09-27 06:46:46 engine.py:157] g    │",
         "ts-worker-6:56890:56890 [0] enqueue.cc:267 NCCL WARN h",
+        "vllm-qwen-72b-instruct  | CRITICAL 04-11 13:45:00 [multiproc_executor.py:49] i",
+        "TimeoutError: [multiproc_executor.py:49] j",
     ])
     assert normalize(raw).splitlines() == [
         "Traceback (most recent call last):",
@@ -354,6 +356,9 @@ def test_normalize_strips_engine_launcher_and_collector_prefixes() -> None:
         "f",
         "g",
         "enqueue.cc:267 NCCL WARN h",
+        "i",
+        # "[m" without a colour number is text, not an ANSI code that lost its ESC
+        "TimeoutError: [multiproc_executor.py:49] j",
     ]
 
 
