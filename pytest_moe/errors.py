@@ -77,7 +77,10 @@ ERROR_TYPES: tuple[str, ...] = tuple(t.value for t in ErrorType)
 FALLBACK_TYPE = ErrorType.SERVER_ERROR.value
 PATTERNS_FILE = "error_patterns.yaml"
 #: Who prints a message; a pattern names one so per-engine wording stays traceable.
-ENGINES = ("sglang", "vllm", "torch", "nccl", "cuda", "flashinfer", "triton", "transformers", "python", "harness")
+ENGINES = (
+    "sglang", "vllm", "torch", "nccl", "cuda", "flashinfer", "triton", "cutlass", "deepgemm", "transformers", "python",
+    "harness",
+)
 
 #: How much of a server log ``classify_file`` reads: the failure is at the end, and whole logs of
 #: multi-hour runs can be gigabytes.
@@ -88,14 +91,15 @@ MAX_MESSAGE_CHARS = 300
 MAX_SIGNATURE_CHARS = 200
 
 # --- normalization -------------------------------------------------------------------------------
-# ANSI colour, also when a copy-paste lost the ESC byte ("[1;36m(VllmWorker ..." / "1;36m(VllmWorker").
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\[[0-9;]*m(?=\S)|^[0-9;]+m(?=\()")
+# ANSI colour, also when a copy-paste lost the ESC byte ("[1;36m(VllmWorker ..." / "1;36m(VllmWorker"); without
+# the ESC a digit is required, or the "[m" of "[multiproc_executor.py:49]" would go too.
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\[\d[0-9;]*m(?=\S)|^[0-9;]+m(?=\()")
 # Prefixes engines, launchers and log collectors put in front of a line; stripped repeatedly, since
 # one line can carry several ("[ts] (Worker_TP0 pid=9) ERROR 12-13 11:54:35 [x.py:826] ...").
 _PREFIXES = re.compile(
     r"""^(?:
       \s*│\s?                                                   # k9s / rich box drawing
-    | [\w.-]+-\d+\s+\|\s                                        # docker compose: "vllm-1  | "
+    | [\w.]*[-_][\w.-]*\s+\|\s                                  # docker compose: "vllm-1  | ", "vllm-qwen-72b  | "
     | [A-Z][a-z]{2}\s[\s\d]\d\s\d\d:\d\d:\d\d\s\S+\s[\w./-]+\[\d+\]:\s   # journald: "Aug 17 18:42:18 host vllm[8052]: "
     | \[?\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z?\]?\s+        # ISO timestamps (CI, k8s): "2024-02-08T08:40:56.16Z "
     | \d{4}-\d\d-\d\d\s\d\d:\d\d:\d\d(?:[.,]\d+)?\s\|\s\w+\s\|\s(?:\w+\s\|\s)?   # FastChat-style "ts | ERROR | stderr | "

@@ -342,6 +342,8 @@ def test_normalize_strips_engine_launcher_and_collector_prefixes() -> None:
         "1;36m(VllmWorker rank=5 pid=33503) ERROR 03-06 06:49:30 [multiproc_executor.py:375] f",
         "│ ERROR 09-27 06:46:46 engine.py:157] g    │",
         "ts-worker-6:56890:56890 [0] enqueue.cc:267 NCCL WARN h",
+        "vllm-qwen-72b-instruct  | CRITICAL 04-11 13:45:00 [multiproc_executor.py:49] i",
+        "TimeoutError: [multiproc_executor.py:49] j",
     ])
     assert normalize(raw).splitlines() == [
         "Traceback (most recent call last):",
@@ -354,6 +356,9 @@ def test_normalize_strips_engine_launcher_and_collector_prefixes() -> None:
         "f",
         "g",
         "enqueue.cc:267 NCCL WARN h",
+        "i",
+        # "[m" without a colour number is text, not an ANSI code that lost its ESC
+        "TimeoutError: [multiproc_executor.py:49] j",
     ]
 
 
@@ -424,9 +429,28 @@ def test_corpus_has_at_least_six_excerpts_of_every_type() -> None:
         assert sum(e.label == error_type for e in corpus) >= 6, error_type
 
 
-@pytest.mark.parametrize(
-    "excerpt", [e for e in load_corpus(CORPUS) if e.part is Part.DEV], ids=lambda e: e.url.removeprefix("https://github.com/")
-)
+#: Dev excerpts the rules deliberately get wrong, each with why; strict xfail, so a rule change that
+#: starts classifying one of them right (or a relabel) makes the test say so.
+KNOWN_DEV_MISSES = {
+    "https://github.com/vllm-project/vllm/issues/6145": (
+        "a worker dead of SIGTERM (exit code -15) with nothing else said is also what our own teardown "
+        "leaves in a log (see test_benign_lines_are_not_classified), so -15 alone is never a Crash"
+    ),
+}
+
+
+def _dev_param(excerpt):
+    miss = KNOWN_DEV_MISSES.get(excerpt.url)
+    marks = [pytest.mark.xfail(strict=True, reason=miss)] if miss else []
+    return pytest.param(excerpt, marks=marks, id=excerpt.url.removeprefix("https://github.com/"))
+
+
+def test_known_dev_misses_are_dev_excerpts() -> None:
+    dev = {e.url for e in load_corpus(CORPUS) if e.part is Part.DEV}
+    assert set(KNOWN_DEV_MISSES) <= dev
+
+
+@pytest.mark.parametrize("excerpt", [_dev_param(e) for e in load_corpus(CORPUS) if e.part is Part.DEV])
 def test_dev_corpus_excerpt(excerpt) -> None:
     assert classify(excerpt.excerpt).error_type == excerpt.label
 
