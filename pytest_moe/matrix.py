@@ -86,6 +86,7 @@ class ExplicitConfig(_Strict):
     """A config spelled out in full, e.g. the TP2+EP2 smoke config that really crashes on CPU."""
 
     tp: int
+    nodes: int | None = Field(None, gt=0)
     ep: int | None = Field(None, gt=0)
     moe_backend: str | None = None
     args: list[str] = []
@@ -97,6 +98,7 @@ class ModelEntry(_Strict):
     precision: Literal["fp8", "native"] = "native"
     quantization: str | None = None
     tp: list[int] = []
+    nodes: int = Field(1, gt=0)
     moe_backends: list[str] | None = None
     args: list[str] = []
     env: dict[str, str] = {}
@@ -132,6 +134,8 @@ class ServerConfig:
     bench: BenchSpec
     known_failure: KnownFailure | None
     matrix_path: str
+    #: Nodes one server spans (TP16 = 2 nodes x 8 GPUs); the TP ranks split evenly over them.
+    nodes: int = 1
 
     @property
     def id(self) -> str:
@@ -139,14 +143,20 @@ class ServerConfig:
         return f"{self.model}::{self.name}"
 
     @property
+    def gpus_per_node(self) -> int:
+        """GPUs each node gives the server; CPU engines need none."""
+        return self.tp // self.nodes if get_engine(self.engine).spec.uses_gpus else 0
+
+    @property
     def gpus_needed(self) -> int:
-        """GPUs this config occupies; CPU engines need none."""
-        return self.tp if get_engine(self.engine).spec.uses_gpus else 0
+        """GPUs this config occupies in all: nodes x GPUs per node."""
+        return self.nodes * self.gpus_per_node
 
     @property
     def markers(self) -> list[str]:
-        """Marker names: ``tpN``, ``gpusN``, the precision and the engine (``vllm-cpu`` → ``vllm_cpu``)."""
-        return [f"tp{self.tp}", f"gpus{self.gpus_needed}", self.precision, self.engine.replace("-", "_")]
+        """Marker names: ``tpN``, ``gpusN``, the precision, the engine (``vllm-cpu`` → ``vllm_cpu``), ``nodesN`` past one."""
+        marks = [f"tp{self.tp}", f"gpus{self.gpus_needed}", self.precision, self.engine.replace("-", "_")]
+        return marks + ([f"nodes{self.nodes}"] if self.nodes > 1 else [])
 
 
 @dataclass(frozen=True)
@@ -158,9 +168,9 @@ class Matrix:
         return {cfg.id: cfg for cfg in self.configs}
 
 
-def config_name(tp: int, ep: int, backend: str) -> str:
-    """The seeds' config naming: ``TP4_auto``, ``TP8_EP2_auto``."""
-    return f"TP{tp}" + (f"_EP{ep}" if ep > 1 else "") + f"_{backend}"
+def config_name(tp: int, ep: int, backend: str, nodes: int = 1) -> str:
+    """The seeds' config naming: ``TP4_auto``, ``TP8_EP2_auto``; ``TP16_N2_auto`` for a two-node server."""
+    return f"TP{tp}" + (f"_EP{ep}" if ep > 1 else "") + (f"_N{nodes}" if nodes > 1 else "") + f"_{backend}"
 
 
 def load_matrix(path: str | Path) -> Matrix:
@@ -200,19 +210,22 @@ def _expand(parsed: MatrixFile, locate: _Locator) -> list[ServerConfig]:
         for i, backend in enumerate(backends):
             where = ("models", model, "moe_backends", i) if entry.moe_backends else ("defaults", "moe_backends", i)
             _check_backend(engine, backend, where, locate)
-        cells = [(tp, None, None, [], ("models", model, "tp", i)) for i, tp in enumerate(entry.tp)]
+        cells = [(tp, None, None, [], entry.nodes, ("models", model, "tp", i)) for i, tp in enumerate(entry.tp)]
         cells += [
-            (c.tp, c.ep, c.moe_backend, c.args, ("models", model, "configs", i)) for i, c in enumerate(entry.configs)
+            (c.tp, c.ep, c.moe_backend, c.args, c.nodes or entry.nodes, ("models", model, "configs", i))
+            for i, c in enumerate(entry.configs)
         ]
         if not cells:
             raise locate.error(("models", model), f"model {model!r} lists no 'tp' sizes and no 'configs'")
         names: list[str] = []
-        for tp, explicit_ep, explicit_backend, explicit_args, where in cells:
+        for tp, explicit_ep, explicit_backend, explicit_args, nodes, where in cells:
             _check_tp(tp, where, locate)
+            if tp % nodes:
+                raise locate.error(where, f"{nodes} nodes do not divide TP {tp} for model {model} (each node runs TP/nodes ranks)")
             for backend in [explicit_backend] if explicit_backend else backends:
                 if explicit_backend:
                     _check_backend(engine, backend, (*where, "moe_backend"), locate)
-                cfg = _resolve(parsed, model, entry, engine, tp, explicit_ep, backend, explicit_args, locate, where)
+                cfg = _resolve(parsed, model, entry, engine, tp, explicit_ep, backend, explicit_args, nodes, locate, where)
                 if cfg.id in seen:
                     raise locate.error(where, f"config {cfg.id} is defined twice")
                 seen.add(cfg.id)
@@ -236,6 +249,7 @@ def _resolve(
     explicit_ep: int | None,
     backend: str,
     explicit_args: list[str],
+    nodes: int,
     locate: _Locator,
     where: tuple,
 ) -> ServerConfig:
@@ -258,7 +272,7 @@ def _resolve(
             where,
             f"engine {engine} takes expert parallelism as a switch (EP size = TP), so EP must be 1 or {tp}, not {ep}",
         )
-    name = config_name(tp, ep, backend)
+    name = config_name(tp, ep, backend, nodes)
     return ServerConfig(
         model=model,
         name=name,
@@ -276,6 +290,7 @@ def _resolve(
         bench=entry.bench or parsed.defaults.bench,
         known_failure=entry.known_failures.get(name),
         matrix_path=str(locate.path),
+        nodes=nodes,
     )
 
 

@@ -23,6 +23,8 @@ from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsStore
 from pytest_moe.runner import INTERRUPTED_TYPE, CellRun, RunOptions, crashed_worker_entry, predicted_entry
 from pytest_moe.selection import decide, run_order, unknown_config_ids
 from pytest_moe.server import kill_tree
+from pytest_moe.shardplugin import ShardPlugin
+from pytest_moe.multinode import nodes_offered
 
 DEFAULT_MATRIX = "model_matrix.yaml"
 MARKERS = (
@@ -30,6 +32,7 @@ MARKERS = (
     + [f"gpus{n}: configs that need {n} GPUs" for n in (0, 1, 2, 4, 8, 16)]
     + ["fp8: FP8-quantized configs", "native: native-precision (bf16/fp16) configs"]
     + ["sglang: served by SGLang", "vllm: served by vLLM on GPUs", "vllm_cpu: served by the vLLM CPU build"]
+    + [f"nodes{n}: configs whose server spans {n} nodes" for n in (2, 4)]
 )
 
 _MATRIX = pytest.StashKey[Matrix | None]()
@@ -55,12 +58,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="boot configs that preflight predicts to fail (to check a rule against the engine)")
     group.addoption("--moe-progress-interval", metavar="S", type=float, default=30.0,
                     help="seconds between progress lines while a server loads (default: 30)")
+    group.addoption("--moe-shard", metavar="K/N", default=None,
+                    help="run only shard K of N, balanced by expected GPU-seconds (e.g. 1/4)")
+    group.addoption("--moe-durations", metavar="JSON", default=None,
+                    help="measured seconds per config id ({id: seconds}, e.g. history medians) for --moe-shard")
+    group.addoption("--moe-nodes", metavar="N", type=int, default=None,
+                    help="nodes a server may span (default: the Slurm allocation's, else 1); "
+                         "without Slurm, N>1 runs the members as local processes")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)
     config.pluginmanager.register(MoESession(config), "moe-session")
+    config.pluginmanager.register(ShardPlugin(config), "moe-shard")
 
 
 class MoESession:
@@ -140,7 +151,8 @@ class MoESession:
             items[:] = keep
         host_gpus = gpus.discover_gpus() if any(_config(it) for it in items) else []
         for item in filter(_config, items):
-            decision = decide(_config(item), host_gpus, preflight=not config.option.moe_no_preflight)
+            decision = decide(_config(item), host_gpus, preflight=not config.option.moe_no_preflight,
+                              nodes_offered=nodes_offered(config.option.moe_nodes))
             if decision.skip_reason:
                 item.add_marker(pytest.mark.skip(reason=decision.skip_reason))
             if decision.predicted:
@@ -251,7 +263,7 @@ class MoESession:
 def moe_cell(request: pytest.FixtureRequest, moe_config: ServerConfig):
     """The run of one config; leases its GPUs for the whole test (released after the memory check)."""
     session: MoESession = request.config.pluginmanager.get_plugin("moe-session")
-    lease = gpus.GpuLeaser().acquire(moe_config.gpus_needed, config_id=moe_config.id) if moe_config.gpus_needed else None
+    lease = gpus.GpuLeaser().acquire(moe_config.gpus_per_node, config_id=moe_config.id) if moe_config.gpus_per_node else None
     try:
         cell = CellRun(moe_config, session.options, lease=lease, progress=_progress_writer(request.config))
         request.node.stash[_CELL] = cell

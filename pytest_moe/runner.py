@@ -18,6 +18,7 @@ from pytest_moe.bench import BenchResult, profile_stages, run_benchmark
 from pytest_moe.engines import get_engine
 from pytest_moe.errors import Classification, classify, read_log_tail
 from pytest_moe.matrix import ServerConfig
+from pytest_moe.multinode import MultiNodeServer, allocation_hosts
 from pytest_moe.preflight import Problem
 from pytest_moe.report import redact, repro_command, shell_line
 from pytest_moe.results import ResultsStore
@@ -100,8 +101,12 @@ class CellRun:
         return self._launch()
 
     def _launch(self) -> Server:
-        self.server = Server(
-            self.engine, self.cfg,
+        server_class, placement = Server, {}
+        if self.cfg.nodes > 1:
+            hosts = allocation_hosts()
+            server_class, placement = MultiNodeServer, {"hosts": hosts[: self.cfg.nodes] if hosts and len(hosts) >= self.cfg.nodes else None}
+        self.server = server_class(
+            self.engine, self.cfg, **placement,
             model_path=resolve_model_path(self.cfg.model_path),
             served_name=f"pytest-moe/{safe_name(self.cfg.id)}/{secrets.token_hex(3)}",
             log_path=self.log_path,

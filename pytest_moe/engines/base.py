@@ -101,6 +101,15 @@ class Engine:
             return []
         return [self.spec.flags["ep"]] if self.spec.ep_style == "flag" else [self.spec.flags["ep"], str(ep)]
 
+    def multinode_args(self, nnodes: int, rank: int, head: str, dist_port: int) -> list[str]:
+        """Flags that make this command member ``rank`` of a server spanning ``nnodes`` nodes.
+
+        The default is SGLang's form: the same command on every node plus the node count, this node's
+        rank and the head's ``HOST:PORT`` for the process-group rendezvous (flag names in ``flags``).
+        """
+        flags = self.spec.flags
+        return [flags["nnodes"], str(nnodes), flags["node_rank"], str(rank), flags["dist_init_addr"], f"{head}:{dist_port}"]
+
     def profile_args(self, profile_dir: Path | None) -> list[str]:
         """Launch flags that enable profiling; none by default (SGLang profiles on request)."""
         return []

@@ -19,6 +19,16 @@ class VLLMEngine(Engine):
             return []
         return ["--profiler-config", profile_json(profiler="torch", torch_profiler_dir=str(profile_dir))]
 
+    def multinode_args(self, nnodes: int, rank: int, head: str, dist_port: int) -> list[str]:
+        """vLLM's multiprocessing multi-node form: ranks past 0 run ``--headless`` (no API server).
+
+        The head alone serves HTTP, so readiness is probed there only.
+        """
+        flags = self.spec.flags
+        argv = [flags["nnodes"], str(nnodes), flags["node_rank"], str(rank),
+                flags["master_addr"], head, flags["master_port"], str(dist_port)]
+        return argv + ([flags["headless"]] if rank > 0 else [])
+
     def check_command(self, argv: list[str]) -> None:
         """Parse with the parser behind ``vllm serve`` (``make_arg_parser``), which runs on CPU."""
         from vllm.entrypoints.launchers.cli_args import make_arg_parser
