@@ -5,7 +5,8 @@
 * ``inspect PATH`` — a model's MoE description (from its config.json; never downloads) as JSON;
 * ``preflight --model PATH --tp N ...`` — the verdict for one launch as JSON; exit 0 ok, 1 failure predicted;
 * ``plan --model PATH --gpu H200 --gpus 8`` — every TP/EP/quantization/backend combination and its verdict;
-* ``tiny`` — build the tiny checkpoints of the CPU smoke matrix.
+* ``tiny`` — build the tiny checkpoints of the CPU smoke matrix;
+* ``submit --slurm-partition P [pytest selection args]`` — each selected config as one Slurm job (docs/slurm.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pytest_moe.matrix import MatrixError, load_matrix
 from pytest_moe.models import ModelInspectionError, inspect_model
 from pytest_moe.preflight import LaunchPlan, check, gpu_spec, plan_table, render_plan, verdict
 from pytest_moe.runner import display_command
+from pytest_moe.slurm import SlurmError, SubmitOptions, submit_and_follow
 from pytest_moe.tiny import ensure_tiny_model, tiny_model_specs
 
 
@@ -62,6 +64,18 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    opts = SubmitOptions(
+        partition=args.slurm_partition, account=args.slurm_account, run_allowance_s=args.slurm_run_allowance,
+        time_minutes=args.slurm_time, poll_s=args.slurm_poll, extra_sbatch=tuple(args.slurm_sbatch_arg),
+    )
+    try:
+        return submit_and_follow(args.pytest_args, opts)
+    except SlurmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pytest_moe", description="pytest-moe command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,13 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="sglang", choices=engine_names())
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("submit", help="run each selected config as one Slurm job; other arguments select as in pytest",
+                       usage="python -m pytest_moe submit --slurm-partition P [options] [pytest selection args]")
+    p.add_argument("--slurm-partition", required=True, metavar="P")
+    p.add_argument("--slurm-account", default=None, metavar="A")
+    p.add_argument("--slurm-run-allowance", type=float, default=1800.0, metavar="S",
+                   help="seconds added to each config's launch timeout for its time limit (default: 1800)")
+    p.add_argument("--slurm-time", type=int, default=None, metavar="MIN", help="time limit in minutes for every job")
+    p.add_argument("--slurm-poll", type=float, default=10.0, metavar="S", help="seconds between squeue polls (default: 10)")
+    p.add_argument("--slurm-sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="extra sbatch argument, e.g. --slurm-sbatch-arg=--qos=high (repeatable)")
+    p.set_defaults(func=cmd_submit, takes_pytest_args=True)
+
     p = sub.add_parser("tiny", help="build the tiny random-weight MoE checkpoints of the CPU smoke matrix")
     p.set_defaults(func=cmd_tiny)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "takes_pytest_args", False):
+        args.pytest_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (MatrixError, ModelInspectionError, ValueError) as exc:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import pytest
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scancel", "srun")
@@ -166,3 +167,23 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
                     proc.kill()
                     proc.wait()
         self.procs.clear()
+
+
+@pytest.fixture(scope="session")
+def local_slurm(tmp_path_factory):
+    """A running one-node cluster for the session; skipped without Slurm and root, failed under CI=true."""
+    missing = missing_binaries()
+    reason = (f"Slurm is not installed (missing {', '.join(missing)}; scripts/setup.sh installs slurm-wlm and munge as root)"
+              if missing else None)
+    if reason is None and os.geteuid() != 0:
+        reason = "the local Slurm cluster runs its daemons as root (SlurmUser=root)"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
