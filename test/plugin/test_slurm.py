@@ -175,3 +175,15 @@ def test_ctrl_c_on_the_submitter_cancels_every_job_and_leaves_no_process(local_s
     assert local_slurm.squeue_ids() == []
     assert _wait_gone(str(tmp_path / "model")) == []
     assert re.search(r"a::TP1_auto\s+\d+\s+CANCELLED\s+failed: ServerError", out)
+
+
+def test_a_real_vllm_cpu_smoke_config_runs_as_a_slurm_job_and_is_recorded(local_slurm, tmp_path):
+    config = "tiny-qwen3-moe::TP1_auto"
+    proc = _submit(local_slurm, REPO, "test/nightly", "--moe-matrix", "test/nightly/smoke_matrix.yaml",
+                   "--moe-config", config, "--moe-results-dir", str(tmp_path / "results"))
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out + "".join(p.read_text() for p in (tmp_path / "results" / "slurm").glob("*.out"))
+    entry = _results(tmp_path, "success_results.json")[config]
+    assert entry["engine"] == "vllm-cpu" and entry["output_throughput_tok_per_s"] > 0
+    assert re.search(rf"{re.escape(config)}\s+\d+\s+COMPLETED\s+success", out)
+    assert local_slurm.squeue_ids() == []
