@@ -72,7 +72,9 @@ class MultiNodeServer(Server):
         return self.member_argv(0)
 
     def member_argv(self, rank: int) -> list[str]:
-        argv = super()._argv() + self.engine.multinode_args(self.cfg.nodes, rank, self.head, self.dist_port)
+        argv = super()._argv()
+        argv = self.engine.member_launch(rank) + argv[len(self.engine.member_launch(0)):]
+        argv += self.engine.multinode_args(self.cfg.nodes, rank, self.head, self.dist_port)
         if self.hosts is None:
             return argv
         # --overlap: the step shares the CPUs of the batch step that runs pytest; --kill-on-bad-exit: a

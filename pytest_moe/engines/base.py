@@ -110,6 +110,10 @@ class Engine:
         flags = self.spec.flags
         return [flags["nnodes"], str(nnodes), flags["node_rank"], str(rank), flags["dist_init_addr"], f"{head}:{dist_port}"]
 
+    def member_launch(self, rank: int) -> list[str]:
+        """The program that runs member ``rank`` of a multi-node server: the engine's own launch by default."""
+        return [part.replace("{python}", sys.executable) for part in self.spec.launch]
+
     def profile_args(self, profile_dir: Path | None) -> list[str]:
         """Launch flags that enable profiling; none by default (SGLang profiles on request)."""
         return []

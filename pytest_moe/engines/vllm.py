@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 from pathlib import Path
 
 import requests
@@ -52,11 +53,17 @@ class VLLMEngine(Engine):
 
 class VLLMCPUEngine(VLLMEngine):
     def environment(self, cfg, profile_dir: Path | None) -> dict[str, str]:
-        """TP>1 on CPU needs one OMP thread group per rank, else vLLM asserts on NUMA nodes."""
+        """TP>1 on CPU needs one OMP thread group per rank of a node, else vLLM asserts on NUMA nodes."""
         env = super().environment(cfg, profile_dir)
-        if cfg.tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_groups(sorted(os.sched_getaffinity(0)), cfg.tp)
+        local_ranks = cfg.tp // cfg.nodes
+        if local_ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_groups(sorted(os.sched_getaffinity(0)), local_ranks)
         return env
+
+
+    def member_launch(self, rank: int) -> list[str]:
+        """Worker nodes run ``run_headless`` through ``vllm_headless`` (the CPU build's ``vllm serve`` cannot start)."""
+        return super().member_launch(rank) if rank == 0 else [sys.executable, "-m", "pytest_moe.engines.vllm_headless"]
 
 
 def cpu_bind_groups(cpus: list[int], ranks: int) -> str:

@@ -203,3 +203,30 @@ def test_killing_pytest_leaves_no_member_behind(suite, tmp_path):
             proc.kill()
             proc.wait()
     assert _wait_gone(str(tmp_path / "model"), timeout_s=60) == []
+
+
+REAL_MATRIX = """\
+defaults: {engine: vllm-cpu, timeout_s: 900, moe_backends: [auto], args: [--max-model-len, "8192", --dtype, bfloat16],
+           bench: {batch_size: 1, input_len: 256, output_len: 16, warmup: 0}}
+models:
+  tiny-qwen3-moe: {path: "tiny:tiny-qwen3-moe", tp: [2], nodes: 2}
+"""
+
+
+def test_the_vllm_cpu_build_serves_across_two_members(pytester, monkeypatch, tmp_path):
+    """Two members (node ranks 0 and 1, TP2 split one rank per member over gloo) of the real vLLM CPU build."""
+    monkeypatch.delenv("SLURM_JOB_NUM_NODES", raising=False)
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    pytester.makefile(".yaml", model_matrix=REAL_MATRIX)
+    pytester.makepyfile(test_nightly=(REPO / "test" / "nightly" / "test_moe_matrix.py").read_text())
+    results = tmp_path / "results"
+    result = pytester.runpytest_subprocess("--moe-nodes", "2", "--moe-results-dir", str(results), "--moe-grace", "5",
+                                           "--moe-cooldown", "0", timeout=1200)
+    logs = results / "logs"
+    head, member = logs / "tiny-qwen3-moe_TP2_N2_auto.log", logs / "tiny-qwen3-moe_TP2_N2_auto.node1.log"
+    assert result.ret == 0, "\n".join(result.outlines[-30:]) + member.read_text()[-3000:]
+    assert "--nnodes 2 --node-rank 0" in head.read_text()
+    assert "pytest_moe.engines.vllm_headless" in member.read_text() and "--headless" in member.read_text()
+    entry = __import__("json").loads((results / "success_results.json").read_text())["tiny-qwen3-moe::TP2_N2_auto"]
+    assert entry["output_throughput_tok_per_s"] > 0
+    assert _wait_gone("tiny-qwen3-moe --served-model-name pytest-moe/tiny-qwen3-moe_TP2_N2_auto") == []
