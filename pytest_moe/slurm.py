@@ -291,7 +291,7 @@ def collect(pytest_args: list[str]) -> _Collector:
 
     collector = _Collector()
     captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
+    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
         code = pytest.main([*pytest_args, "--collect-only", "-q", "-p", "no:cacheprovider"], plugins=[collector])
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         tail = "; ".join(line for line in captured.getvalue().splitlines() if line.startswith(("ERROR", "E "))) or f"exit {int(code)}"

@@ -187,3 +187,20 @@ def test_a_real_vllm_cpu_smoke_config_runs_as_a_slurm_job_and_is_recorded(local_
     assert entry["engine"] == "vllm-cpu" and entry["output_throughput_tok_per_s"] > 0
     assert re.search(rf"{re.escape(config)}\s+\d+\s+COMPLETED\s+success", out)
     assert local_slurm.squeue_ids() == []
+
+
+def test_submit_usage_errors_exit_2_with_one_sentence(tmp_path):
+    _matrix(tmp_path, "models:\n  M: {path: org/m, tp: [1], moe_backends: [auto]}\n")
+    (tmp_path / "test_cells.py").write_text(TEST_FILE)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "pytest_moe", *args], cwd=tmp_path, capture_output=True, text=True)
+
+    bad_shard = run("submit", "--slurm-partition", "p", "test_cells.py", "--moe-shard", "5/2")
+    assert bad_shard.returncode == 2
+    assert re.fullmatch(r"error: pytest test_cells.py --moe-shard 5/2 cannot be collected: ERROR: --moe-shard '5/2': K must be"
+                        r" between 1 and N.*\n", bad_shard.stderr)
+    no_partition = run("submit", "test_cells.py")
+    assert no_partition.returncode == 2 and "--slurm-partition" in no_partition.stderr
+    other_command = run("list", "--moe-matrix", "model_matrix.yaml", "-m", "tp8")
+    assert other_command.returncode == 2 and "unrecognized arguments: -m tp8" in other_command.stderr
