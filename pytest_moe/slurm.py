@@ -217,8 +217,7 @@ class Submission:
         store = ResultsStore(self.results_dir)
         successes, failures = store.load()
         for job in self.jobs:
-            mine = lambda entries: entries.get(job.cfg.id) if entries.get(job.cfg.id, {}).get("last_updated", "") >= self.started_at else None  # noqa: E731
-            success, failure = mine(successes), mine(failures)
+            success, failure = self._written_since(successes, job), self._written_since(failures, job)
             error_type = SLURM_ERROR_TYPES.get(job.state)
             if error_type is not None:
                 message = (f"Slurm ended job {job.job_id} ({job.cfg.id}) with state {job.state.value}"
@@ -239,6 +238,11 @@ class Submission:
                 store.record_failure(job.cfg.id, {**_identity(job.cfg), "error_type": "ServerError", "error_message": message,
                                                   "status": "failed", "slurm_job_id": job.job_id, "slurm_state": job.state.value})
                 job.outcome = "failed: ServerError (nothing recorded)"
+
+    def _written_since(self, entries: dict[str, Any], job: Job) -> dict[str, Any] | None:
+        """The config's entry if this submission's job wrote it (entries persist across runs)."""
+        entry = entries.get(job.cfg.id)
+        return entry if entry is not None and entry.get("last_updated", "") >= self.started_at else None
 
     def summary(self) -> str:
         width = max((len(job.cfg.id) for job in self.jobs), default=6)

@@ -16,7 +16,6 @@ import pytest
 from pytest_moe.engines import get_engine
 from pytest_moe.matrix import BenchSpec, MatrixError, ServerConfig, load_matrix
 from pytest_moe.multinode import MultiNodeServer, nodes_offered
-from pytest_moe.server import ServerError
 
 FAKES = Path(__file__).parent / "fakes"
 REPO = Path(__file__).resolve().parents[2]
