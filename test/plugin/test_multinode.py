@@ -20,7 +20,7 @@ from pytest_moe.multinode import MultiNodeServer, nodes_offered
 FAKES = Path(__file__).parent / "fakes"
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(FAKES))
-from fake_engine_plugin import FAKE_ENGINE  # noqa: E402
+from fake_engine_spec import FAKE_ENGINE  # noqa: E402
 
 from pytest_moe.engines.base import Engine, EngineSpec  # noqa: E402
 

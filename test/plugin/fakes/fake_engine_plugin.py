@@ -5,20 +5,9 @@ only share the command line and the environment.  The stand-in engine is the gen
 ``fake_engine.py``, with SGLang's multi-node flags; it uses no GPU.
 """
 
-import sys
-from pathlib import Path
-
 import pytest_moe.engines as engines
+from fake_engine_spec import FAKE_ENGINE
 
-FAKE_ENGINE = {
-    "adapter": "fake", "distributions": [], "launch": [sys.executable, str(Path(__file__).with_name("fake_engine.py"))],
-    "uses_gpus": False,
-    "flags": {"model": "--model", "served_model_name": "--served-model-name", "tp": "--tp", "ep": "--ep",
-              "quantization": "--quantization", "moe_backend": "--moe-backend", "host": "--host", "port": "--port",
-              "nnodes": "--nnodes", "node_rank": "--node-rank", "dist_init_addr": "--dist-init-addr"},
-    "ep_style": "size", "readiness_path": "/health", "models_path": "/v1/models", "profile": {},
-    "moe_backends": ["auto"], "log_patterns": {"loading": "starting", "http_up": "startup complete"},
-}
 _load_yaml = engines.load_yaml
 
 
