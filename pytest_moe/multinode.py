@@ -15,6 +15,7 @@ whole server, so the benchmark's next request fails at once instead of waiting f
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,13 @@ def allocation_hosts() -> list[str] | None:
     return out.stdout.split()
 
 
+def node_address(name: str) -> str:
+    """The address other nodes reach Slurm node ``name`` at (its ``NodeAddr``; usually the name itself)."""
+    out = subprocess.run(["scontrol", "show", "node", name, "-o"], capture_output=True, text=True, check=False).stdout
+    match = re.search(r"\bNodeAddr=(\S+)", out)
+    return match[1] if match else name
+
+
 @dataclass
 class Member:
     rank: int
@@ -61,7 +69,7 @@ class MultiNodeServer(Server):
     def __init__(self, engine, cfg, *, hosts: list[str] | None, **kwargs):
         #: None: every member is a local process; else member R runs on ``hosts[R]`` through ``srun``.
         self.hosts = hosts
-        self.head = hosts[0] if hosts else cfg.host
+        self.head = node_address(hosts[0]) if hosts else cfg.host
         self.dist_port = free_port(cfg.host)
         self.members: list[Member] = []
         self._stopping = threading.Event()

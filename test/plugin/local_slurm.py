@@ -1,4 +1,4 @@
-"""A one-node Slurm cluster on this machine for the tests: ``munged``, ``slurmctld`` and ``slurmd``.
+"""A two-node Slurm cluster on this machine for the tests: ``munged``, ``slurmctld`` and two ``slurmd``.
 
 Why private daemons in a temp dir instead of the system's: the tests must not depend on (or disturb) a
 site configuration, and every daemon they start must be stopped by them.  Everything lives under one
@@ -49,9 +49,13 @@ def _memory_mb() -> int:
 
 @dataclass
 class LocalSlurm:
+    """Two Slurm nodes (``moe1``, ``moe2``), each one slurmd (``slurmd -N``) on this host with its own port
+    and spool dir, one CPU each: enough for two one-node jobs at once and for one two-node job."""
+
     root: Path
     partition: str = "debug"
-    node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
+    host: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
+    nodes: tuple[str, ...] = ("moe1", "moe2")
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     @property
@@ -69,24 +73,29 @@ class LocalSlurm:
         key = self.root / "munge" / "munge.key"
         key.write_bytes(os.urandom(128))
         os.chmod(key, 0o400)
-        cpus = min(os.cpu_count() or 1, 2)
+        memory = _memory_mb() // len(self.nodes)
+        nodes = "\n".join(
+            f"NodeName={name} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs=1 RealMemory={memory} State=UNKNOWN"
+            for name in self.nodes
+        )
+        for name in self.nodes:
+            (self.root / "spool" / name).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(
             f"""\
 ClusterName=pytestmoe
-SlurmctldHost={self.node}
+SlurmctldHost={self.host}
 SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket={self.root / "munge" / "munge.socket"}
 CredType=cred/munge
 StateSaveLocation={self.root / "state"}
-SlurmdSpoolDir={self.root / "spool"}
+SlurmdSpoolDir={self.root / "spool"}/%n
 SlurmctldPidFile={self.root / "slurmctld.pid"}
-SlurmdPidFile={self.root / "slurmd.pid"}
+SlurmdPidFile={self.root}/slurmd-%n.pid
 SlurmctldLogFile={self.root / "log" / "slurmctld.log"}
-SlurmdLogFile={self.root / "log" / "slurmd.log"}
+SlurmdLogFile={self.root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -103,8 +112,8 @@ OverTimeLimit=0
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={_memory_mb()} State=UNKNOWN
-PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+{nodes}
+PartitionName={self.partition} Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """
         )
         # slurmd reads cgroup.conf even with no cgroup plugin in some builds; an empty one is harmless.
@@ -119,19 +128,20 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
                      f"--pid-file={munge / 'munged.pid'}", f"--seed-file={munge / 'munged.seed'}"], env)
         self._wait(lambda: (munge / "munge.socket").exists(), timeout_s, "munged socket")
         self._spawn([_binary("slurmctld"), "-D", "-i", "-f", str(self.conf)], env)
-        self._spawn([_binary("slurmd"), "-D", "-f", str(self.conf)], env)
-        self._wait(self._node_idle, timeout_s, "node idle in sinfo")
+        for name in self.nodes:
+            self._spawn([_binary("slurmd"), "-D", "-N", name, "-f", str(self.conf)], env, name=f"slurmd-{name}")
+        self._wait(self._nodes_idle, timeout_s, "nodes idle in sinfo")
 
-    def _spawn(self, argv: list[str], env: dict[str, str]) -> None:
-        log = open(self.root / "log" / f"{Path(argv[0]).name}.out", "ab")
+    def _spawn(self, argv: list[str], env: dict[str, str], name: str | None = None) -> None:
+        log = open(self.root / "log" / f"{name or Path(argv[0]).name}.out", "ab")
         self.procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, start_new_session=True))
         log.close()
 
-    def _node_idle(self) -> bool:
+    def _nodes_idle(self) -> bool:
         out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env={**os.environ, **self.env},
                              capture_output=True, text=True, check=False).stdout
-        return out.strip().startswith("idle")
+        return out.split().count("idle") == len(self.nodes)
 
     def _wait(self, done, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s

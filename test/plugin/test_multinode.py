@@ -231,7 +231,8 @@ def test_the_vllm_cpu_build_serves_across_two_members(pytester, monkeypatch, tmp
     assert _wait_gone("tiny-qwen3-moe --served-model-name pytest-moe/tiny-qwen3-moe_TP2_N2_auto") == []
 
 
-def test_inside_an_allocation_each_member_is_one_srun_task_on_its_node(tmp_path):
+def test_inside_an_allocation_each_member_is_one_srun_task_on_its_node(tmp_path, monkeypatch):
+    monkeypatch.setattr("pytest_moe.multinode.node_address", lambda name: f"addr-of-{name}")
     engine = Engine(EngineSpec.from_yaml("fake", FAKE_ENGINE))
     srv = MultiNodeServer(engine, _cfg("fake", tp=2, nodes=2), hosts=["gpu-a", "gpu-b"], model_path="/m",
                           served_name="ours", log_path=tmp_path / "s.log", timeout_s=30)
@@ -239,5 +240,5 @@ def test_inside_an_allocation_each_member_is_one_srun_task_on_its_node(tmp_path)
         argv = srv.member_argv(rank)
         assert argv[:6] == ["srun", "--nodes=1", "--ntasks=1", f"--relative={rank}", "--overlap", "--kill-on-bad-exit=1"]
         assert argv[argv.index("--node-rank") + 1] == str(rank)
-        assert argv[argv.index("--dist-init-addr") + 1] == f"gpu-a:{srv.dist_port}"  # the first node is the head
+        assert argv[argv.index("--dist-init-addr") + 1] == f"addr-of-gpu-a:{srv.dist_port}"  # the first node is the head
     assert srv.argv == srv.member_argv(0)  # the command recorded for the config is the head's

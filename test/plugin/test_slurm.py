@@ -204,3 +204,34 @@ def test_submit_usage_errors_exit_2_with_one_sentence(tmp_path):
     assert no_partition.returncode == 2 and "--slurm-partition" in no_partition.stderr
     other_command = run("list", "--moe-matrix", "model_matrix.yaml", "-m", "tp8")
     assert other_command.returncode == 2 and "unrecognized arguments: -m tp8" in other_command.stderr
+
+
+TWO_NODE_TEST = """\
+import os
+def test_serves(moe_config, moe_server):
+    assert moe_server.alive()
+    assert os.environ["SLURM_JOB_NUM_NODES"] == "2"
+"""
+
+
+@pytest.mark.parametrize("member_dies", [False, True])
+def test_a_two_node_config_runs_one_srun_member_per_node(local_slurm, tmp_path, member_dies):
+    args = ', args: [--ready-after, "100", --member-exit-after, "1", --exit-code, "9"]' if member_dies else ""
+    _matrix(tmp_path, "defaults: {engine: fake, moe_backends: [auto], timeout_s: 120}\nmodels:\n"
+                      f"  two: {{path: {tmp_path}/model/two, tp: [2], nodes: 2{args}}}\n")
+    (tmp_path / "test_cells.py").write_text(TWO_NODE_TEST)
+    proc = _submit(local_slurm, tmp_path, "-p", "fake_engine_plugin", "test_cells.py", "--moe-results-dir", "results")
+    out, _ = proc.communicate(timeout=300)
+    logs = tmp_path / "results" / "logs"
+    head, member = (logs / "two_TP2_N2_auto.log").read_text(), (logs / "two_TP2_N2_auto.node1.log").read_text()
+    assert head.startswith("$ srun --nodes=1 --ntasks=1 --relative=0 ") and member.startswith("$ srun --nodes=1 --ntasks=1 --relative=1 ")
+    assert "--nnodes 2 --node-rank 1 --dist-init-addr 127.0.0.1:" in member  # the head node's NodeAddr
+    if member_dies:
+        assert proc.returncode == 1, out
+        failure = _results(tmp_path, "failure_results.json")["two::TP2_N2_auto"]
+        assert "Server member 1 of 2 (node rank 1)" in failure["error_message"] and "exited with code" in failure["error_message"]
+    else:
+        assert proc.returncode == 0, out
+        assert re.search(r"two::TP2_N2_auto\s+\d+\s+COMPLETED\s+passed", out)
+    assert local_slurm.squeue_ids() == []
+    assert _wait_gone(str(tmp_path / "model")) == []
