@@ -11,12 +11,14 @@ SGLANG_VERSION=0.5.23
 
 # The Slurm tests start a private one-node cluster (test/plugin/local_slurm.py): Debian's slurm-wlm and munge.
 if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1; then
-  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  as_root=""
+  [ "$(id -u)" -eq 0 ] || as_root="sudo -n"   # CI runners: passwordless sudo
+  if command -v apt-get >/dev/null 2>&1 && $as_root true 2>/dev/null; then
     echo "[setup] installing slurm-wlm and munge (apt-get)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null \
-      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null; }
+    $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null \
+      || { $as_root apt-get update -q >/dev/null && $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null; }
   else
-    echo "[setup] slurm-wlm and munge are missing and this is not root with apt-get: the Slurm tests will skip"
+    echo "[setup] slurm-wlm and munge are missing and apt-get cannot run as root here: the Slurm tests will skip"
   fi
 fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
