@@ -105,12 +105,13 @@ class MultiNodeServer(Server):
                     member.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     env=env, start_new_session=True, pass_fds=self.pass_fds,
                 )
+            # Known at once: if a later launch fails, ``stop`` (from ``__enter__``) must still reach this one.
+            self.members.append(member)
+            self.proc = self.members[0].proc
             member.janitor = subprocess.Popen(
                 [sys.executable, "-m", "pytest_moe.janitor", str(os.getpid()), str(member.proc.pid), str(self.grace_s)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             )
-            self.members.append(member)
-        self.proc = self.members[0].proc
 
     def exited(self) -> tuple[str, int, Path] | None:
         for member in self.members:
@@ -150,8 +151,9 @@ class MultiNodeServer(Server):
             results = list(pool.map(lambda m: kill_tree(m.proc.pid, self.grace_s), self.members))
         for member in self.members:
             member.proc.wait()
-            member.janitor.kill()
-            member.janitor.wait()
+            if member.janitor is not None:
+                member.janitor.kill()
+                member.janitor.wait()
         return Teardown(
             escalated_to_sigkill=any(r.escalated_to_sigkill for r in results),
             pids=[pid for r in results for pid in r.pids],

@@ -17,6 +17,7 @@ import pytest
 from pytest_moe import gpus
 from pytest_moe.errors import Classification
 from pytest_moe.matrix import Matrix, MatrixError, ServerConfig, load_matrix
+from pytest_moe.multinode import nodes_offered
 from pytest_moe.preflight import Problem
 from pytest_moe.report import failure_text, junit_properties, summary_markdown
 from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsStore
@@ -24,7 +25,6 @@ from pytest_moe.runner import INTERRUPTED_TYPE, CellRun, RunOptions, crashed_wor
 from pytest_moe.selection import decide, run_order, unknown_config_ids
 from pytest_moe.server import kill_tree
 from pytest_moe.shardplugin import ShardPlugin
-from pytest_moe.multinode import nodes_offered
 
 DEFAULT_MATRIX = "model_matrix.yaml"
 MARKERS = (

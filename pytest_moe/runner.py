@@ -102,9 +102,10 @@ class CellRun:
 
     def _launch(self) -> Server:
         server_class, placement = Server, {}
-        if self.cfg.nodes > 1:
+        if self.cfg.nodes > 1:  # srun members inside an allocation with enough nodes, else local members
             hosts = allocation_hosts()
-            server_class, placement = MultiNodeServer, {"hosts": hosts[: self.cfg.nodes] if hosts and len(hosts) >= self.cfg.nodes else None}
+            enough = hosts is not None and len(hosts) >= self.cfg.nodes
+            server_class, placement = MultiNodeServer, {"hosts": hosts[: self.cfg.nodes] if enough else None}
         self.server = server_class(
             self.engine, self.cfg, **placement,
             model_path=resolve_model_path(self.cfg.model_path),

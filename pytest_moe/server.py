@@ -225,7 +225,6 @@ class Server:
         self.teardown.seconds = time.monotonic() - t0
         return self.teardown
 
-
     def _kill(self) -> Teardown:
         """Stop the tree and its janitor (a multi-node server stops every member's)."""
         result = kill_tree(self.proc.pid, self.grace_s)

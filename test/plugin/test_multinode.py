@@ -242,3 +242,15 @@ def test_inside_an_allocation_each_member_is_one_srun_task_on_its_node(tmp_path,
         assert argv[argv.index("--node-rank") + 1] == str(rank)
         assert argv[argv.index("--dist-init-addr") + 1] == f"addr-of-gpu-a:{srv.dist_port}"  # the first node is the head
     assert srv.argv == srv.member_argv(0)  # the command recorded for the config is the head's
+
+
+def test_a_member_that_cannot_be_launched_still_stops_the_head(tmp_path, monkeypatch):
+    engine = Engine(EngineSpec.from_yaml("fake", FAKE_ENGINE))
+    srv = MultiNodeServer(engine, _cfg("fake", tp=2, nodes=2), hosts=None, model_path=str(tmp_path / "model"),
+                          served_name="ours", log_path=tmp_path / "s.log", timeout_s=30, grace_s=2)
+    real = srv.member_argv
+    monkeypatch.setattr(srv, "member_argv", lambda rank: real(rank) if rank == 0 else ["/nonexistent/engine"])
+    with pytest.raises(FileNotFoundError):
+        srv.__enter__()
+    assert srv.teardown is not None and srv.members[0].proc.poll() is not None
+    assert _wait_gone(str(tmp_path / "model")) == []
