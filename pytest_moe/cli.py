@@ -14,6 +14,7 @@
 * ``history import FILES...`` — load results JSON / JUnit files (or results directories) into the history;
 * ``report --html OUT [--since 14d]`` — the morning report from the history, one self-contained HTML file;
 * ``merge DIR... --out DIR`` — one results set from several jobs' results directories (seed 001's rules).
+* ``submit --slurm-partition P [pytest selection args]`` — each selected config as one Slurm job (docs/slurm.md).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from datetime import date
 from collections.abc import Sequence
 from pathlib import Path
 
-from pytest_moe.args import bounded_int, fraction
+from pytest_moe.args import bounded_int, fraction, seconds
 from pytest_moe.engines import engine_names
 from pytest_moe.errors import classify_file
 from pytest_moe.history.html import parse_since, write_report
@@ -42,6 +43,7 @@ from pytest_moe.preflight import LaunchPlan, check, gpu_spec, plan_table, render
 from pytest_moe.results import DEFAULT_RESULTS_DIR
 from pytest_moe.runner import display_command
 from pytest_moe.scoring import render_score, score
+from pytest_moe.slurm import SlurmError, SubmitOptions, submit_and_follow
 from pytest_moe.tiny import ensure_tiny_model, tiny_model_specs
 from pytest_moe.waivers import NEEDS_ATTENTION, list_waivers, render
 
@@ -149,6 +151,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    opts = SubmitOptions(
+        partition=args.slurm_partition, account=args.slurm_account, run_allowance_s=args.slurm_run_allowance,
+        time_minutes=args.slurm_time, poll_s=args.slurm_poll, extra_sbatch=tuple(args.slurm_sbatch_arg),
+    )
+    try:
+        return submit_and_follow(args.pytest_args, opts)
+    except SlurmError as exc:
+        return _usage_error(str(exc))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pytest_moe", description="pytest-moe command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="sglang", choices=engine_names())
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("submit", help="run each selected config as one Slurm job; other arguments select as in pytest",
+                       usage="python -m pytest_moe submit --slurm-partition P [options] [pytest selection args]")
+    p.add_argument("--slurm-partition", required=True, metavar="P")
+    p.add_argument("--slurm-account", default=None, metavar="A")
+    p.add_argument("--slurm-run-allowance", type=seconds(), default=1800.0, metavar="S",
+                   help="seconds added to each config's launch timeout for its time limit (default: 1800)")
+    p.add_argument("--slurm-time", type=bounded_int(1, 7 * 24 * 60), default=None, metavar="MIN", help="time limit in minutes for every job")
+    p.add_argument("--slurm-poll", type=seconds(0, allow_zero=False), default=10.0, metavar="S", help="seconds between squeue polls (default: 10)")
+    p.add_argument("--slurm-sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="extra sbatch argument, e.g. --slurm-sbatch-arg=--qos=high (repeatable)")
+    p.set_defaults(func=cmd_submit, takes_pytest_args=True)
+
     p = sub.add_parser("tiny", help="build the tiny random-weight MoE checkpoints of the CPU smoke matrix")
     p.set_defaults(func=cmd_tiny)
 
@@ -221,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 ok, 1 failure predicted (preflight), 2 bad input: one ``error:`` line, never a traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "takes_pytest_args", False):
+        args.pytest_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (MatrixError, ModelInspectionError, ValueError, HistoryError) as exc:

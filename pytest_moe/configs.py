@@ -111,6 +111,8 @@ class ServerConfig:
     matrix_path: str
     #: From the engine's spec at resolve time, so this record needs no engine lookup (``vllm-cpu``: False).
     uses_gpus: bool = True
+    #: Nodes one server spans (TP16 = 2 nodes x 8 GPUs); the TP ranks split evenly over them.
+    nodes: int = 1
 
     @property
     def id(self) -> str:
@@ -118,14 +120,20 @@ class ServerConfig:
         return f"{self.model}::{self.name}"
 
     @property
+    def gpus_per_node(self) -> int:
+        """GPUs each node gives the server; CPU engines need none."""
+        return self.tp // self.nodes if self.uses_gpus else 0
+
+    @property
     def gpus_needed(self) -> int:
-        """GPUs this config occupies; CPU engines need none."""
-        return self.tp if self.uses_gpus else 0
+        """GPUs this config occupies in all: nodes x GPUs per node."""
+        return self.nodes * self.gpus_per_node
 
     @property
     def markers(self) -> list[str]:
-        """Marker names: ``tpN``, ``gpusN``, the precision and the engine (``vllm-cpu`` → ``vllm_cpu``)."""
-        return [f"tp{self.tp}", f"gpus{self.gpus_needed}", self.precision, engine_marker(self.engine)]
+        """Marker names: ``tpN``, ``gpusN``, the precision, the engine (``vllm-cpu`` → ``vllm_cpu``), ``nodesN`` past one."""
+        marks = [f"tp{self.tp}", f"gpus{self.gpus_needed}", self.precision, engine_marker(self.engine)]
+        return marks + ([f"nodes{self.nodes}"] if self.nodes > 1 else [])
 
 
 @dataclass(frozen=True)
@@ -144,8 +152,8 @@ def engine_marker(engine: str) -> str:
     return engine.replace("-", "_")
 
 
-def config_name(tp: int, ep: int, backend: str) -> str:
-    """The seeds' config naming: ``TP4_auto``, ``TP8_EP2_auto``."""
-    return f"TP{tp}" + (f"_EP{ep}" if ep > 1 else "") + f"_{backend}"
+def config_name(tp: int, ep: int, backend: str, nodes: int = 1) -> str:
+    """The seeds' config naming: ``TP4_auto``, ``TP8_EP2_auto``; ``TP16_N2_auto`` for a two-node server."""
+    return f"TP{tp}" + (f"_EP{ep}" if ep > 1 else "") + (f"_N{nodes}" if nodes > 1 else "") + f"_{backend}"
 
 

@@ -40,6 +40,8 @@ MAX_YAML_ALIASES = 100
 MAX_YAML_NODES = 100_000
 #: Largest TP size accepted (the biggest NVLink domains are 72 GPUs; 1024 leaves room for multi-node).
 MAX_TP = 1024
+#: Most nodes one server may span (the largest public MoE deployments use a few dozen).
+MAX_NODES = 64
 from pytest_moe.history.rows import METRIC_NAMES
 
 
@@ -102,6 +104,7 @@ class ExplicitConfig(StrictModel):
     """A config spelled out in full, e.g. the TP2+EP2 smoke config that really crashes on CPU."""
 
     tp: int
+    nodes: int | None = Field(None, gt=0, le=MAX_NODES)
     ep: int | None = Field(None, gt=0, le=MAX_TP)
     moe_backend: Text | None = None
     args: list[Text] = []
@@ -113,6 +116,7 @@ class ModelEntry(StrictModel):
     precision: Literal["fp8", "native"] = "native"
     quantization: Text | None = None
     tp: list[int] = []
+    nodes: int = Field(1, gt=0, le=MAX_NODES)
     moe_backends: list[Text] | None = Field(None, min_length=1)
     args: list[Text] = []
     env: dict[EnvName, Text] = {}
@@ -255,19 +259,22 @@ def _expand(parsed: MatrixFile, locate: _Locator) -> list[ServerConfig]:
         for i, backend in enumerate(backends):
             where = ("models", model, "moe_backends", i) if entry.moe_backends else ("defaults", "moe_backends", i)
             _check_backend(engine, backend, where, locate)
-        cells = [(tp, None, None, [], ("models", model, "tp", i)) for i, tp in enumerate(entry.tp)]
+        cells = [(tp, None, None, [], entry.nodes, ("models", model, "tp", i)) for i, tp in enumerate(entry.tp)]
         cells += [
-            (c.tp, c.ep, c.moe_backend, c.args, ("models", model, "configs", i)) for i, c in enumerate(entry.configs)
+            (c.tp, c.ep, c.moe_backend, c.args, c.nodes or entry.nodes, ("models", model, "configs", i))
+            for i, c in enumerate(entry.configs)
         ]
         if not cells:
             raise locate.error(("models", model), f"model {model!r} lists no 'tp' sizes and no 'configs'")
         names: list[str] = []
-        for tp, explicit_ep, explicit_backend, explicit_args, where in cells:
+        for tp, explicit_ep, explicit_backend, explicit_args, nodes, where in cells:
             _check_tp(tp, where, locate)
+            if tp % nodes:
+                raise locate.error(where, f"{nodes} nodes do not divide TP {tp} for model {model} (each node runs TP/nodes ranks)")
             for backend in [explicit_backend] if explicit_backend else backends:
                 if explicit_backend:
                     _check_backend(engine, backend, (*where, "moe_backend"), locate)
-                cfg = _resolve(parsed, model, entry, engine, tp, explicit_ep, backend, explicit_args, locate, where)
+                cfg = _resolve(parsed, model, entry, engine, tp, explicit_ep, backend, explicit_args, nodes, locate, where)
                 if cfg.id in seen:
                     raise locate.error(where, f"config {cfg.id} is defined twice")
                 seen.add(cfg.id)
@@ -291,6 +298,7 @@ def _resolve(
     explicit_ep: int | None,
     backend: str,
     explicit_args: list[str],
+    nodes: int,
     locate: _Locator,
     where: tuple,
 ) -> ServerConfig:
@@ -313,7 +321,7 @@ def _resolve(
             where,
             f"engine {engine} takes expert parallelism as a switch (EP size = TP), so EP must be 1 or {tp}, not {ep}",
         )
-    name = config_name(tp, ep, backend)
+    name = config_name(tp, ep, backend, nodes)
     return ServerConfig(
         model=model,
         name=name,
@@ -332,6 +340,7 @@ def _resolve(
         known_failure=entry.known_failures.get(name),
         matrix_path=str(locate.path),
         uses_gpus=get_engine(engine).spec.uses_gpus,
+        nodes=nodes,
     )
 
 

@@ -21,9 +21,10 @@ from pytest_moe.configs import Matrix, ServerConfig, engine_marker
 from pytest_moe.engines import EngineTableError, engine_names
 from pytest_moe.errors import Classification
 from pytest_moe.history.plugin import HistoryPlugin, add_history_options
-from pytest_moe.matrix import MatrixError, load_matrix
+from pytest_moe.matrix import MAX_NODES, MatrixError, load_matrix
 from pytest_moe.kernels.plugin import MARKER as KERNEL_MARKER
 from pytest_moe.kernels.plugin import KernelPlugin
+from pytest_moe.multinode import nodes_offered
 from pytest_moe.preflight import Problem
 from pytest_moe.report import failure_text, junit_properties, summary_markdown
 from pytest_moe.redact import redact
@@ -32,6 +33,7 @@ from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsError, ResultsStore
 from pytest_moe.runner import INTERRUPTED_TYPE, CellRun, RunOptions, crashed_worker_entry, predicted_entry
 from pytest_moe.selection import decide, run_order, unknown_config_ids
 from pytest_moe.server import kill_tree
+from pytest_moe.shardplugin import ShardPlugin
 from pytest_moe.waivers import apply_waiver
 
 DEFAULT_MATRIX = "model_matrix.yaml"
@@ -40,6 +42,7 @@ MARKERS = (
     + [f"gpus{n}: configs that need {n} GPUs" for n in (0, 1, 2, 4, 8, 16)]
     + ["fp8: FP8-quantized configs", "native: native-precision (bf16/fp16) configs"]
     + [KERNEL_MARKER]
+    + [f"nodes{n}: configs whose server spans {n} nodes" for n in (2, 4)]
 )
 
 _MATRIX = pytest.StashKey[Matrix | None]()
@@ -67,6 +70,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="seconds between progress lines while a server loads (default: 30)")
     group.addoption("--moe-retries", metavar="N", type=bounded_int(0, MAX_RETRIES), default=None,
                     help="retries of a failed launch, for the types the retry policy retries (default: the policy's)")
+    group.addoption("--moe-shard", metavar="K/N", default=None,
+                    help="run only shard K of N, balanced by expected GPU-seconds (e.g. 1/4)")
+    group.addoption("--moe-durations", metavar="JSON", default=None,
+                    help="measured seconds per config id ({id: seconds}, e.g. history medians) for --moe-shard")
+    group.addoption("--moe-nodes", metavar="N", type=bounded_int(1, MAX_NODES), default=None,
+                    help="nodes a server may span (default: the Slurm allocation's, else 1); "
+                         "without Slurm, N>1 runs the members as local processes")
     add_history_options(parser, group)
 
 
@@ -86,6 +96,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(MoESession(config), "moe-session")
     config.pluginmanager.register(KernelPlugin(config), "moe-kernel")
     config.pluginmanager.register(HistoryPlugin(config, lambda: config.stash.get(_MATRIX, None)), "moe-history")
+    config.pluginmanager.register(ShardPlugin(config), "moe-shard")
 
 
 class MoESession:
@@ -170,7 +181,8 @@ class MoESession:
             items[:] = keep
         host_gpus = gpus.discover_gpus() if any(_config(it) for it in items) else []
         for item in filter(_config, items):
-            decision = decide(_config(item), host_gpus, preflight=not config.option.moe_no_preflight)
+            decision = decide(_config(item), host_gpus, preflight=not config.option.moe_no_preflight,
+                              nodes_offered=nodes_offered(config.option.moe_nodes))
             if decision.skip_reason:
                 item.add_marker(pytest.mark.skip(reason=decision.skip_reason))
             if decision.predicted:
@@ -291,7 +303,7 @@ class MoESession:
 def moe_cell(request: pytest.FixtureRequest, moe_config: ServerConfig):
     """The run of one config; leases its GPUs for the whole test (released after the memory check)."""
     session: MoESession = request.config.pluginmanager.get_plugin("moe-session")
-    lease = gpus.GpuLeaser().acquire(moe_config.gpus_needed, config_id=moe_config.id) if moe_config.gpus_needed else None
+    lease = gpus.GpuLeaser().acquire(moe_config.gpus_per_node, config_id=moe_config.id) if moe_config.gpus_per_node else None
     try:
         cell = CellRun(moe_config, session.options, lease=lease, progress=_progress_writer(request.config))
         request.node.stash[_CELL] = cell

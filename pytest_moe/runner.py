@@ -19,6 +19,7 @@ from pytest_moe.engines import get_engine
 from pytest_moe.errors import Classification, classify, read_log_tail
 from pytest_moe.configs import ServerConfig
 from pytest_moe.matrix import file_stem as safe_name
+from pytest_moe.multinode import MultiNodeServer, allocation_hosts
 from pytest_moe.preflight import Problem
 from pytest_moe.redact import redact
 from pytest_moe.report import repro_command, shell_line
@@ -110,8 +111,13 @@ class CellRun:
                       f"retry {number} of {allowed}")
 
     def _launch(self) -> Server:
-        self.server = Server(
-            self.engine, self.cfg,
+        server_class, placement = Server, {}
+        if self.cfg.nodes > 1:  # srun members inside an allocation with enough nodes, else local members
+            hosts = allocation_hosts()
+            enough = hosts is not None and len(hosts) >= self.cfg.nodes
+            server_class, placement = MultiNodeServer, {"hosts": hosts[: self.cfg.nodes] if enough else None}
+        self.server = server_class(
+            self.engine, self.cfg, **placement,
             model_path=resolve_model_path(self.cfg.model_path),
             served_name=f"pytest-moe/{safe_name(self.cfg.id)}/{secrets.token_hex(3)}",
             log_path=self.log_path,

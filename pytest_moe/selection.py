@@ -32,13 +32,18 @@ def unknown_config_ids(wanted: Iterable[str], matrix: Matrix | None) -> str | No
     return f"--moe-config {unknown[0]!r} is not a config of {where} (e.g. {', '.join(sorted(known)[:3])})"
 
 
-def decide(cfg: ServerConfig, host_gpus: list[GpuInfo], preflight: bool) -> Decision:
-    """GPU shortfall first (it needs no model), then preflight against this host's GPUs."""
-    if cfg.gpus_needed:
-        reason = shortfall_reason(cfg.gpus_needed, host_gpus)
+def decide(cfg: ServerConfig, host_gpus: list[GpuInfo], preflight: bool, nodes_offered: int = 1) -> Decision:
+    """Node shortfall, then GPU shortfall per node (neither needs the model), then preflight.
+
+    Preflight sees ``nodes`` copies of this host's GPUs: the nodes of one allocation are alike.
+    """
+    if cfg.nodes > nodes_offered:
+        return Decision(f"{cfg.id} needs {cfg.nodes} nodes, the executor offers {nodes_offered}")
+    if cfg.gpus_per_node:
+        reason = shortfall_reason(cfg.gpus_per_node, host_gpus)
         if reason:
-            return Decision(f"{cfg.id} {reason}")
-    problems = check_config(cfg, host_gpus) if preflight else None
+            return Decision(f"{cfg.id} {reason}" + (" per node" if cfg.nodes > 1 else ""))
+    problems = check_config(cfg, host_gpus * cfg.nodes) if preflight else None
     if not problems:
         return Decision()
     first = problems[0]

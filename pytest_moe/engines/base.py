@@ -74,6 +74,13 @@ class Flags(_Strict):
     trust_remote_code: StrictStr
     host: StrictStr
     port: StrictStr
+    #: Multi-node (one member per node); only engines that can span nodes name them.
+    nnodes: StrictStr | None = None
+    node_rank: StrictStr | None = None
+    dist_init_addr: StrictStr | None = None
+    master_addr: StrictStr | None = None
+    master_port: StrictStr | None = None
+    headless: StrictStr | None = None
 
 
 class GpuBand(_Strict):
@@ -226,6 +233,19 @@ class Engine:
         if ep <= 1:
             return []
         return [self.spec.flags.ep] if self.spec.ep_style is EpStyle.SWITCH else [self.spec.flags.ep, str(ep)]
+
+    def multinode_args(self, nnodes: int, rank: int, head: str, dist_port: int) -> list[str]:
+        """Flags that make this command member ``rank`` of a server spanning ``nnodes`` nodes.
+
+        The default is SGLang's form: the same command on every node plus the node count, this node's
+        rank and the head's ``HOST:PORT`` for the process-group rendezvous (flag names in ``flags``).
+        """
+        flags = self.spec.flags
+        return [flags.nnodes, str(nnodes), flags.node_rank, str(rank), flags.dist_init_addr, f"{head}:{dist_port}"]
+
+    def member_launch(self, rank: int) -> list[str]:
+        """The program that runs member ``rank`` of a multi-node server: the engine's own launch by default."""
+        return [part.replace("{python}", sys.executable) for part in self.spec.launch]
 
     def profile_args(self, profile_dir: Path | None) -> list[str]:
         """Launch flags that enable profiling; none by default (SGLang profiles on request)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 from pathlib import Path
 
 import requests
@@ -18,6 +19,16 @@ class VLLMEngine(Engine):
         if profile_dir is None:
             return []
         return ["--profiler-config", profile_json(profiler="torch", torch_profiler_dir=str(profile_dir))]
+
+    def multinode_args(self, nnodes: int, rank: int, head: str, dist_port: int) -> list[str]:
+        """vLLM's multiprocessing multi-node form: ranks past 0 run ``--headless`` (no API server).
+
+        The head alone serves HTTP, so readiness is probed there only.
+        """
+        flags = self.spec.flags
+        argv = [flags.nnodes, str(nnodes), flags.node_rank, str(rank), flags.master_addr, head, flags.master_port,
+                str(dist_port)]
+        return argv + ([flags.headless] if rank > 0 else [])
 
     def check_command(self, argv: list[str]) -> None:
         """Parse with the parser behind ``vllm serve`` (``make_arg_parser``), which runs on CPU."""
@@ -42,11 +53,17 @@ class VLLMEngine(Engine):
 
 class VLLMCPUEngine(VLLMEngine):
     def environment(self, cfg, profile_dir: Path | None) -> dict[str, str]:
-        """TP>1 on CPU needs one OMP thread group per rank, else vLLM asserts on NUMA nodes."""
+        """TP>1 on CPU needs one OMP thread group per rank of a node, else vLLM asserts on NUMA nodes."""
         env = super().environment(cfg, profile_dir)
-        if cfg.tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_groups(sorted(os.sched_getaffinity(0)), cfg.tp)
+        local_ranks = cfg.tp // cfg.nodes
+        if local_ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_groups(sorted(os.sched_getaffinity(0)), local_ranks)
         return env
+
+
+    def member_launch(self, rank: int) -> list[str]:
+        """Worker nodes run ``run_headless`` through ``vllm_headless`` (the CPU build's ``vllm serve`` cannot start)."""
+        return super().member_launch(rank) if rank == 0 else [sys.executable, "-m", "pytest_moe.engines.vllm_headless"]
 
 
 def cpu_bind_groups(cpus: list[int], ranks: int) -> str:

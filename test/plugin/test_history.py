@@ -28,7 +28,7 @@ from pytest_moe.history.merge import merge_dirs
 from pytest_moe.history.regress import State, compare, judge
 from pytest_moe.history.rows import METRICS, Status, entry_rows, kernel_from_log, provenance
 from pytest_moe.history.store import MIGRATIONS, HistoryError, HistoryStore, RunInfo, resolve_url, schema_version
-from pytest_moe.matrix import HistorySettings
+from pytest_moe.configs import HistorySettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = Path(__file__).parent / "data" / "history"

@@ -17,7 +17,7 @@ import pytest
 from pytest_moe import server as server_mod
 from pytest_moe.engines.base import Engine
 from pytest_moe.errors import Classification
-from pytest_moe.matrix import BenchSpec, ServerConfig
+from pytest_moe.configs import BenchSpec, ServerConfig
 from pytest_moe.report import junit_properties, summary_markdown
 from pytest_moe.results import ResultsStore
 from pytest_moe.retries import RetryPolicyError, load_policy, parse_policy

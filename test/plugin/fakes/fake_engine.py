@@ -26,9 +26,22 @@ parser.add_argument("--say-file", default=None,
                     help="file holding a line printed before exiting with --exit-after ({port} and {pid} are "
                          "filled in); a file, so the line is not echoed in the command line at the top of the log")
 parser.add_argument("--say", default=None, help="a last log line, as an engine echoing its config would print")
+# Multi-node, SGLang's form: members past rank 0 serve no HTTP (like SGLang's and vLLM's worker nodes).
+parser.add_argument("--nnodes", type=int, default=1)
+parser.add_argument("--node-rank", type=int, default=0)
+parser.add_argument("--dist-init-addr", default=None)
+parser.add_argument("--member-exit-after", type=float, default=None, help="members past rank 0 exit after S seconds")
 args, _ = parser.parse_known_args()
 
 print(f"fake engine starting: {' '.join(sys.argv[1:])}", flush=True)
+if args.node_rank > 0:
+    print(f"fake engine member {args.node_rank} of {args.nnodes} joining {args.dist_init_addr}", flush=True)
+    if args.member_exit_after is not None:
+        time.sleep(args.member_exit_after)
+        print(f"fake engine member {args.node_rank} exiting", flush=True)
+        sys.exit(args.exit_code)
+    while True:
+        time.sleep(3600)
 if args.exit_after is not None:
     time.sleep(args.exit_after)
     if args.say_file:
