@@ -29,6 +29,7 @@ the search stops at the first type that matches, so a 4 MiB log costs a few whol
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 from dataclasses import dataclass
@@ -54,6 +55,9 @@ ERROR_TYPES: tuple[str, ...] = (
     "ServerError",
 )
 FALLBACK_TYPE = "ServerError"
+#: The same types as an enum, so entries and checks name them without bare strings; ``parse_rules`` keeps
+#: the data file's ``precedence`` equal to this set, so the enum is the data file's list of types.
+ErrorType = enum.StrEnum("ErrorType", {name: name for name in ERROR_TYPES})
 PATTERNS_FILE = "error_patterns.yaml"
 
 #: How much of a server log ``classify_file`` reads: the failure is at the end, and whole logs of

@@ -11,6 +11,7 @@ one of its explicit ``configs``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import types
 import typing
@@ -34,12 +35,42 @@ class _Strict(BaseModel):
 
 
 class BenchSpec(_Strict):
-    """The benchmark shape: batch 1, 4096 in, 512 out in the seeds."""
+    """The benchmark shape: batch 1, 4096 in, 512 out in the seeds; ``batch_sizes`` sweeps (SGLang: 1, 8, 16, 64)."""
 
     batch_size: int = Field(1, gt=0)
+    batch_sizes: list[int] | None = Field(None, min_length=1)
     input_len: int = Field(4096, gt=0)
     output_len: int = Field(512, gt=0)
     warmup: int = Field(1, ge=0)
+
+    @property
+    def sweep(self) -> list[int]:
+        """Batch sizes measured, in order; the first one's row is the entry's flat (seed) fields."""
+        return list(self.batch_sizes or [self.batch_size])
+
+    def at(self, batch_size: int) -> BenchSpec:
+        """This shape at one batch size (what ``bench.run_benchmark`` measures)."""
+        return self.model_copy(update={"batch_size": batch_size, "batch_sizes": None})
+
+
+class AccuracySpec(_Strict):
+    """gsm8k-style few-shot check; ``floor`` is per model (a floor copied between models is sglang PR 38725's bug)."""
+
+    floor: float | None = Field(None, ge=0, le=1)
+    n: int = Field(50, gt=0)
+    shots: int = Field(5, ge=0)
+    dataset: str | None = None
+    max_tokens: int = Field(64, gt=0)
+    confidence: float = Field(0.99, gt=0.5, lt=1)
+    parallel: int = Field(8, gt=0)
+
+
+class AgreementSpec(_Strict):
+    """Seed 004's oracle: every config of a model must answer like its ``reference`` config."""
+
+    reference: str | None = None
+    threshold: float = Field(1.0, ge=0, le=1)
+    max_tokens: int = Field(32, gt=0)
 
 
 class KnownFailure(_Strict):
@@ -57,6 +88,8 @@ class Defaults(_Strict):
     args: list[str] = []
     env: dict[str, str] = {}
     bench: BenchSpec = BenchSpec()
+    accuracy: AccuracySpec = AccuracySpec()
+    agreement: AgreementSpec = AgreementSpec()
 
 
 class When(_Strict):
@@ -102,6 +135,8 @@ class ModelEntry(_Strict):
     env: dict[str, str] = {}
     timeout_s: float | None = Field(None, gt=0)
     bench: BenchSpec | None = None
+    accuracy: AccuracySpec | None = None
+    agreement: AgreementSpec | None = None
     configs: list[ExplicitConfig] = []
     known_failures: dict[str, KnownFailure] = {}
 
@@ -132,6 +167,13 @@ class ServerConfig:
     bench: BenchSpec
     known_failure: KnownFailure | None
     matrix_path: str
+    accuracy: AccuracySpec = dataclasses.field(default_factory=AccuracySpec)
+    agreement: AgreementSpec = dataclasses.field(default_factory=AgreementSpec)
+
+    @property
+    def is_reference(self) -> bool:
+        """This config's greedy outputs are what the model's other configs are compared with."""
+        return self.agreement.reference == self.name
 
     @property
     def id(self) -> str:
@@ -218,6 +260,7 @@ def _expand(parsed: MatrixFile, locate: _Locator) -> list[ServerConfig]:
                 seen.add(cfg.id)
                 names.append(cfg.name)
                 configs.append(cfg)
+        _mark_reference(configs, model, entry, locate)
         for name in entry.known_failures:
             if name not in names:
                 raise locate.error(
@@ -276,7 +319,30 @@ def _resolve(
         bench=entry.bench or parsed.defaults.bench,
         known_failure=entry.known_failures.get(name),
         matrix_path=str(locate.path),
+        accuracy=parsed.defaults.accuracy.model_copy(update=entry.accuracy.model_dump(exclude_unset=True))
+        if entry.accuracy else parsed.defaults.accuracy,
+        agreement=parsed.defaults.agreement.model_copy(update=entry.agreement.model_dump(exclude_unset=True))
+        if entry.agreement else parsed.defaults.agreement,
     )
+
+
+def _mark_reference(configs: list[ServerConfig], model: str, entry: ModelEntry, locate: _Locator) -> None:
+    """The declared ``agreement.reference``, else the smallest-TP ``auto`` config (the fewest moving parts)."""
+    own = [i for i, cfg in enumerate(configs) if cfg.model == model]
+    declared = own and configs[own[0]].agreement.reference
+    if declared:
+        match = [i for i in own if configs[i].name == declared]
+        if not match:
+            names = ", ".join(configs[i].name for i in own)
+            raise locate.error(("models", model, "agreement", "reference"),
+                               f"reference {declared!r} is not a config of {model} (configs: {names})")
+        chosen = match[0]
+    else:
+        autos = [i for i in own if configs[i].moe_backend == "auto"] or own
+        chosen = min(autos, key=lambda i: (configs[i].tp, configs[i].ep))
+    for i in own:
+        configs[i] = dataclasses.replace(configs[i], agreement=configs[i].agreement.model_copy(
+            update={"reference": configs[chosen].name}))
 
 
 def _matches(when: When, **values: Any) -> bool:

@@ -40,6 +40,8 @@ class EngineSpec:
     env: dict[str, str] = field(default_factory=dict)
     args: tuple[str, ...] = ()
     model_positional: bool = False
+    #: POST endpoint that empties the engine's prefix/KV cache between benchmark cases (None: it has none).
+    flush_cache_path: str | None = None
 
     @classmethod
     def from_yaml(cls, name: str, raw: dict[str, Any]) -> EngineSpec:
@@ -59,6 +61,7 @@ class EngineSpec:
             env={k: str(v) for k, v in (raw.get("env") or {}).items()},
             args=tuple(str(a) for a in raw.get("args") or ()),
             model_positional=bool(raw.get("model_positional", False)),
+            flush_cache_path=raw.get("flush_cache_path"),
         )
 
 
