@@ -16,7 +16,7 @@ from typing import Any
 from pytest_moe import gpus
 from pytest_moe.checks import CHECKS, Check, CheckContext
 from pytest_moe.engines import get_engine
-from pytest_moe.entries import BenchmarkResult, CheckResult, Entry, Status, safe_name
+from pytest_moe.entries import BenchmarkResult, CheckResult, CheckStatus, Entry, Status, safe_name
 from pytest_moe.errors import Classification, ErrorType, classify, read_log_tail
 from pytest_moe.matrix import ServerConfig
 from pytest_moe.preflight import Problem
@@ -79,6 +79,9 @@ class CellRun:
         self.boot_error: ServerError | None = None
         #: Results of the checks that ran, in run order.
         self.results: dict[str, CheckResult] = {}
+        #: The first failure that was not a check's verdict (boot, crash, timeout): it sticks, so a later
+        #: passing check cannot turn the config's entry back into a success.
+        self.failure: Classification | None = None
         self._memory_baseline: dict[int, int] | None = None
         #: The last entry written for this config (the hook, a timeout or an interrupt may write it).
         self.recorded: dict[str, Any] | None = None
@@ -186,10 +189,14 @@ class CellRun:
             checks=dict(self.results),
         )
 
+    def check_raised(self, check: Check, failure: Classification) -> None:
+        """A check that ended in an exception still gets its block (``status: failed``) in the entry."""
+        self.results.setdefault(check.name, CheckResult(status=CheckStatus.FAILED, verdict=failure.message))
+
     def first_failed_check(self) -> Classification | None:
         """A check whose verdict failed, as the failure the entry reports (the first one that ran)."""
         for name, result in self.results.items():
-            if not result.passed:
+            if not result.passed and CHECKS[name].failure_type is not None:
                 return Classification(CHECKS[name].failure_type, result.verdict, None)
         return None
 
@@ -201,7 +208,8 @@ class CellRun:
         any check failed.  Checks not run this time keep their previous blocks in the success entry, so
         ``-m accuracy`` does not erase last night's benchmark.
         """
-        failure = failure or self.first_failed_check()
+        self.failure = self.failure or failure
+        failure = self.failure or self.first_failed_check()
         bench = self.results.get(BENCHMARK)
         written = None
         if failure is None or (bench is not None and bench.passed):

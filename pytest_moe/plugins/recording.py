@@ -116,6 +116,7 @@ class MoERecorder:
             if result is None or result.passed:  # not a verdict: an exception (boot, crash, timeout, bad answer)
                 exc = call.excinfo.value if call.excinfo else None
                 failure = cell.classify_failure(exc, call.excinfo.exconly() if call.excinfo else str(report.longrepr))
+                cell.check_raised(check, failure)
             entry = cell.record(self.store, failure)
             report.sections.append(("pytest-moe", failure_text(entry)))
         _apply_known_failure(report, cell.cfg, entry)
