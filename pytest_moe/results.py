@@ -46,12 +46,14 @@ class ResultsStore:
     def failure_path(self) -> Path:
         return self.dir / FAILURE_FILE
 
-    def record_success(self, key: str, entry: dict[str, Any]) -> None:
+    def record_success(self, key: str, entry: dict[str, Any], clear_failure: bool = True) -> None:
+        """``clear_failure=False``: only some of the config's checks ran, so its old failure still stands."""
         with self._lock:
             successes, failures = self._read(self.success_path), self._read(self.failure_path)
             successes[key] = {**entry, "last_updated": now_iso()}
             self._write(self.success_path, successes)
-            if failures.pop(key, None) is not None or not self.failure_path.exists():
+            cleared = clear_failure and failures.pop(key, None) is not None
+            if cleared or not self.failure_path.exists():
                 self._write(self.failure_path, failures)
 
     def record_failure(self, key: str, entry: dict[str, Any]) -> None:

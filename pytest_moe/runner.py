@@ -205,7 +205,7 @@ class CellRun:
 
         The success file gets the entry whenever the benchmark's figures are good (or nothing failed): a
         failed accuracy or agreement check never discards them.  The failure file gets it whenever the boot or
-        any check failed.  Checks not run this time keep their previous blocks in the success entry, so
+        any check failed; an old failure is cleared only once every check of the config passed.  Checks not run this time keep their previous blocks in the success entry, so
         ``-m accuracy`` does not erase last night's benchmark.
         """
         self.failure = self.failure or failure
@@ -214,7 +214,7 @@ class CellRun:
         written = None
         if failure is None or (bench is not None and bench.passed):
             written = _merged_with_previous(store, self.entry(Status.SUCCESS).to_dict(), self.cfg.id)
-            store.record_success(self.cfg.id, written)
+            store.record_success(self.cfg.id, written, clear_failure=failure is None and set(self.results) == set(CHECKS))
         if failure is not None:
             written = self.entry(Status.FAILED, failure).to_dict()
             store.record_failure(self.cfg.id, written)

@@ -79,10 +79,6 @@ class MoERecorder:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
 
     # -- one boot per config -----------------------------------------------------------------------
-    def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        cell = item.stash.get(CELL, None)
-        self.running = cell
-
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
         """After a config's last item (the next one is another config, or none), stop its server."""

@@ -187,3 +187,17 @@ def test_a_healthy_server_fails_at_most_one_night_in_a_hundred(n, floor):
     # ...and the bound is not vacuous: a drop of 10 points is caught more often than not at N >= 200.
     if n >= 200:
         assert binom.cdf(failing[-1], n, floor - 0.10) > 0.5
+
+
+def test_an_old_failure_is_cleared_only_when_every_check_passed(pytester, fake_engine):
+    results = pytester.path / "results"
+    results.mkdir()
+    old = {"M::TP1_auto": {"model": "M", "config": "TP1_auto", "error_type": "OOM", "error_message": "old", "status": "failed"}}
+    (results / "failure_results.json").write_text(json.dumps(old))
+    outcome, successes, failures, _ = _run(pytester, PLANTED, "--moe-config", "M::TP1_auto", "-m", "accuracy")
+    outcome.assert_outcomes(passed=1)
+    assert failures["M::TP1_auto"]["error_message"] == "old"  # the benchmark that failed last time did not run
+    assert successes["M::TP1_auto"]["checks"]["accuracy"]["status"] == "passed"
+    outcome, successes, failures, _ = _run(pytester, PLANTED, "--moe-config", "M::TP1_auto")
+    outcome.assert_outcomes(passed=3)
+    assert "M::TP1_auto" not in failures
