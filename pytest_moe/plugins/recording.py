@@ -84,7 +84,7 @@ class MoERecorder:
         """After a config's last item (the next one is another config, or none), stop its server."""
         cfg = config_of(item)
         self.running = None
-        if cfg is not None and self._pool is not None and (nextitem is None or config_of(nextitem) != cfg):
+        if cfg is not None and self._pool is not None and (nextitem is None or getattr(config_of(nextitem), "id", None) != cfg.id):
             self._pool.close(cfg.id)
 
     # -- outcomes ----------------------------------------------------------------------------------
