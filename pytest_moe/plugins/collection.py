@@ -86,8 +86,9 @@ class MoECollection:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection(self, session: pytest.Session) -> None:
-        """Load and validate the matrix before any test is collected."""
-        self.matrix  # noqa: B018 (loading is the point: errors surface before collection)
+        """Load and validate the matrix and the options before any test is collected (errors exit 4)."""
+        matrix = self.matrix
+        options.run_options(self.config, str(matrix.path) if matrix else options.DEFAULT_MATRIX)
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         if "moe_config" not in metafunc.fixturenames:

@@ -201,3 +201,30 @@ def test_an_old_failure_is_cleared_only_when_every_check_passed(pytester, fake_e
     outcome, successes, failures, _ = _run(pytester, PLANTED, "--moe-config", "M::TP1_auto")
     outcome.assert_outcomes(passed=3)
     assert "M::TP1_auto" not in failures
+
+
+@pytest.mark.parametrize("where", ["ini", "env", "command line"])
+def test_matrix_option_precedence_command_line_then_env_then_ini(pytester, fake_engine, monkeypatch, where):
+    for name in ("ini", "env", "cli"):
+        pytester.makefile(".yaml", **{f"matrix_{name}": PLANTED.replace("M:", f"From{name.capitalize()}:")})
+    pytester.makeini("[pytest]\nmoe_matrix = matrix_ini.yaml\n")
+    pytester.makepyfile(test_nightly=NIGHTLY)
+    args = ["--collect-only", "-q", "-p", "no:cacheprovider"]
+    if where != "ini":
+        monkeypatch.setenv("PYTEST_MOE_MATRIX", "matrix_env.yaml")
+    if where == "command line":
+        args += ["--moe-matrix", "matrix_cli.yaml"]
+    expected = {"ini": "FromIni", "env": "FromEnv", "command line": "FromCli"}[where]
+    out = pytester.runpytest(*args).stdout.str()
+    assert f"test_moe[{expected}::TP1_auto-benchmark]" in out
+    assert {"FromIni", "FromEnv", "FromCli"} - {expected} & set(re.findall(r"From\w+", out)) == set()
+
+
+def test_a_bad_server_timeout_from_the_environment_is_a_usage_error(pytester, fake_engine, monkeypatch):
+    monkeypatch.setenv("PYTEST_MOE_SERVER_TIMEOUT", "soon")
+    pytester.makefile(".yaml", matrix=PLANTED)
+    pytester.makepyfile(test_nightly=NIGHTLY)
+    result = pytester.runpytest("--moe-matrix", "matrix.yaml", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*$PYTEST_MOE_SERVER_TIMEOUT: server timeout 'soon' is not a number of seconds*"])
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
