@@ -111,6 +111,13 @@ CHECK_COLUMNS = (
 )
 
 
+def _check_cell(block: dict[str, Any] | None, show: Any) -> str:
+    """A check's figures; a check that ended in an exception has only its status ("failed")."""
+    if block is None:
+        return "-"
+    return show(block) if len(block) > 1 else str(block["status"])
+
+
 def checks_table(entries: Iterable[dict[str, Any]]) -> str:
     """One row per config with the non-benchmark checks' verdicts ("" when no config ran one)."""
     rows = []
@@ -118,7 +125,7 @@ def checks_table(entries: Iterable[dict[str, Any]]) -> str:
         checks = entry.get("checks") or {}
         if not any(name in checks for _, name, _ in CHECK_COLUMNS):
             continue
-        cells = [show(checks[name]) if name in checks else "-" for _, name, show in CHECK_COLUMNS]
+        cells = [_check_cell(checks.get(name), show) for _, name, show in CHECK_COLUMNS]
         rows.append("| " + " | ".join([entry["config"], *cells]) + " |")
     if not rows:
         return ""
