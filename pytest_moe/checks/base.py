@@ -1,12 +1,13 @@
-"""What a check is: a name (its marker and test id), when it applies, and how it runs against a live server.
+"""What a check is: a name (its marker and test id), its marker text, and how it runs against a live server.
 
-Why a base class and not a function table: each check carries its marker text and its skip rule next to its
+Why a base class and not a function table: each check carries its marker text and its failure type next to its
 ``run``, so adding a check is one module plus one line in ``checks/__init__.py`` (and its schema block in
 the matrix and its columns in ``report.py``).
 """
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -37,16 +38,13 @@ class CheckSkipped(Exception):
     """The check cannot judge this config now (e.g. no reference outputs yet); the test is skipped with this text."""
 
 
-class Check:
+class Check(abc.ABC):
     name: ClassVar[str]
     #: The marker's description (``pytest --markers``).
     help: ClassVar[str]
     #: The entry's ``error_type`` when this check's verdict (not the engine) fails; None: it only raises.
     failure_type: ClassVar[CheckFailure | None] = None
 
-    def skip_reason(self, cfg: ServerConfig) -> str | None:
-        """Why this check does not apply to ``cfg`` (decided at collection, before any boot), or None."""
-        return None
-
+    @abc.abstractmethod
     def run(self, ctx: CheckContext) -> CheckResult:
-        raise NotImplementedError
+        """Judge the server in ``ctx``; raise (``BenchmarkError``, ``CheckSkipped``) when it cannot."""
