@@ -35,12 +35,42 @@ class StrictModel(BaseModel):
 
 
 class BenchSpec(StrictModel):
-    """The benchmark shape: batch 1, 4096 in, 512 out in the seeds."""
+    """The benchmark shape: batch 1, 4096 in, 512 out in the seeds; ``batch_sizes`` sweeps (SGLang: 1, 8, 16, 64)."""
 
     batch_size: int = Field(1, gt=0, le=4096)
+    batch_sizes: list[Annotated[int, Field(gt=0, le=4096)]] | None = Field(None, min_length=1, max_length=64)
     input_len: int = Field(4096, gt=0, le=1 << 20)
     output_len: int = Field(512, gt=0, le=1 << 20)
     warmup: int = Field(1, ge=0, le=100)
+
+    @property
+    def sweep(self) -> list[int]:
+        """Batch sizes measured, in order; the first one's row is the entry's flat (seed) fields."""
+        return list(self.batch_sizes or [self.batch_size])
+
+    def at(self, batch_size: int) -> BenchSpec:
+        """This shape at one batch size (what ``bench.run_benchmark`` measures)."""
+        return self.model_copy(update={"batch_size": batch_size, "batch_sizes": None})
+
+
+class AccuracySpec(StrictModel):
+    """gsm8k-style few-shot check; ``floor`` is per model (a floor copied between models is sglang PR 38725's bug)."""
+
+    floor: float | None = Field(None, ge=0, le=1)
+    n: int = Field(50, gt=0, le=100_000)
+    shots: int = Field(5, ge=0, le=64)
+    dataset: Text | None = None
+    max_tokens: int = Field(64, gt=0, le=1 << 16)
+    confidence: float = Field(0.99, gt=0.5, lt=1)
+    parallel: int = Field(8, gt=0, le=1024)
+
+
+class AgreementSpec(StrictModel):
+    """Seed 004's oracle: every config of a model must answer like its ``reference`` config."""
+
+    reference: Text | None = None
+    threshold: float = Field(1.0, ge=0, le=1)
+    max_tokens: int = Field(32, gt=0, le=1 << 16)
 
 
 class KernelSpec(StrictModel):
@@ -113,6 +143,13 @@ class ServerConfig:
     uses_gpus: bool = True
     #: Nodes one server spans (TP16 = 2 nodes x 8 GPUs); the TP ranks split evenly over them.
     nodes: int = 1
+    accuracy: AccuracySpec = field(default_factory=AccuracySpec)
+    agreement: AgreementSpec = field(default_factory=AgreementSpec)
+
+    @property
+    def is_reference(self) -> bool:
+        """This config's greedy outputs are what the model's other configs are compared with."""
+        return self.agreement.reference == self.name
 
     @property
     def id(self) -> str:

@@ -44,7 +44,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pytest_moe.datafiles import load_yaml
 
 
-class ErrorType(str, Enum):
+class ErrorType(StrEnum):
     """What a failure is; ``SERVER_ERROR`` is the fallback when no rule knows it."""
 
     OOM = "OOM"

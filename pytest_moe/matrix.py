@@ -16,6 +16,7 @@ one of its explicit ``configs``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import types
@@ -27,7 +28,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
-from pytest_moe.configs import BenchSpec, HistorySettings, KernelSpec, KnownFailure, Matrix, ServerConfig, StrictModel, Text, config_name
+from pytest_moe.configs import AccuracySpec, AgreementSpec, BenchSpec, HistorySettings, KernelSpec, KnownFailure, Matrix, ServerConfig, StrictModel, Text, config_name
 from pytest_moe.configs import CONTROL_CHARS
 from pytest_moe.engines import EngineTableError, engine_names, get_engine
 from pytest_moe.errors import ERROR_TYPES
@@ -75,6 +76,8 @@ class Defaults(StrictModel):
     env: dict[EnvName, Text] = {}
     bench: BenchSpec = BenchSpec()
     kernel: KernelSpec = KernelSpec()
+    accuracy: AccuracySpec = AccuracySpec()
+    agreement: AgreementSpec = AgreementSpec()
 
 
 class When(StrictModel):
@@ -122,6 +125,8 @@ class ModelEntry(StrictModel):
     env: dict[EnvName, Text] = {}
     timeout_s: Seconds | None = None
     bench: BenchSpec | None = None
+    accuracy: AccuracySpec | None = None
+    agreement: AgreementSpec | None = None
     configs: list[ExplicitConfig] = []
     known_failures: dict[Text, KnownFailure] = {}
 
@@ -280,6 +285,7 @@ def _expand(parsed: MatrixFile, locate: _Locator) -> list[ServerConfig]:
                 seen.add(cfg.id)
                 names.append(cfg.name)
                 configs.append(cfg)
+        _mark_reference(configs, model, entry, locate)
         for name in entry.known_failures:
             if name not in names:
                 raise locate.error(
@@ -341,7 +347,30 @@ def _resolve(
         matrix_path=str(locate.path),
         uses_gpus=get_engine(engine).spec.uses_gpus,
         nodes=nodes,
+        accuracy=parsed.defaults.accuracy.model_copy(update=entry.accuracy.model_dump(exclude_unset=True))
+        if entry.accuracy else parsed.defaults.accuracy,
+        agreement=parsed.defaults.agreement.model_copy(update=entry.agreement.model_dump(exclude_unset=True))
+        if entry.agreement else parsed.defaults.agreement,
     )
+
+
+def _mark_reference(configs: list[ServerConfig], model: str, entry: ModelEntry, locate: _Locator) -> None:
+    """The declared ``agreement.reference``, else the smallest-TP ``auto`` config (the fewest moving parts)."""
+    own = [i for i, cfg in enumerate(configs) if cfg.model == model]
+    declared = own and configs[own[0]].agreement.reference
+    if declared:
+        match = [i for i in own if configs[i].name == declared]
+        if not match:
+            names = ", ".join(configs[i].name for i in own)
+            raise locate.error(("models", model, "agreement", "reference"),
+                               f"reference {declared!r} is not a config of {model} (configs: {names})")
+        chosen = match[0]
+    else:
+        autos = [i for i in own if configs[i].moe_backend == "auto"] or own
+        chosen = min(autos, key=lambda i: (configs[i].tp, configs[i].ep))
+    for i in own:
+        configs[i] = dataclasses.replace(configs[i], agreement=configs[i].agreement.model_copy(
+            update={"reference": configs[chosen].name}))
 
 
 def _matches(when: When, **values: Any) -> bool:

@@ -57,8 +57,17 @@ def failure_text(entry: dict[str, Any]) -> str:
     )
 
 
+def _bench_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per batch size: the benchmark block's rows (profiles on the first), or the seed's flat fields."""
+    rows = ((entry.get("checks") or {}).get("benchmark") or {}).get("rows")
+    if not rows:
+        return [entry] if entry.get("latency_s") is not None else []
+    profiles = {"profile_extend": entry.get("profile_extend"), "profile_decode": entry.get("profile_decode")}
+    return [{**row, **(profiles if i == 0 else {})} for i, row in enumerate(rows)]
+
+
 def success_tables(entries: Iterable[dict[str, Any]]) -> str:
-    """Seed 001's table, one per model, one row per config."""
+    """Seed 001's table, one per model, one row per config and batch size; then the other checks' table."""
     by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for entry in entries:
         by_model[entry["model"]].append(entry)
@@ -67,10 +76,12 @@ def success_tables(entries: Iterable[dict[str, Any]]) -> str:
         header = "| config | " + " | ".join(title for title, _ in TABLE_COLUMNS) + " |"
         rule = "|" + "---|" * (len(TABLE_COLUMNS) + 1)
         rows = [
-            "| " + " | ".join([_config_cell(entry), *(_cell(entry.get(field)) for _, field in TABLE_COLUMNS)]) + " |"
+            "| " + " | ".join([_config_cell(entry), *(_cell(row.get(field)) for _, field in TABLE_COLUMNS)]) + " |"
             for entry in sorted(by_model[model], key=lambda e: e["config"])
+            for row in _bench_rows(entry)
         ]
-        blocks.append("\n".join([f"### {model}", "", header, rule, *rows]))
+        checks = checks_table(by_model[model])
+        blocks.append("\n".join([f"### {model}", "", header, rule, *rows] + (["", checks] if checks else [])))
     return "\n\n".join(blocks)
 
 
@@ -82,6 +93,39 @@ def _is_flaky(entry: dict[str, Any]) -> bool:
 def _config_cell(entry: dict[str, Any]) -> str:
     """The config name, marked when it passed only on a retry, with what failed the first time."""
     return f"{entry['config']} (flaky: {entry.get('first_attempt_error_type')})" if _is_flaky(entry) else entry["config"]
+
+
+#: The accuracy and agreement columns: title, check name, and how a block becomes one cell.
+CHECK_COLUMNS = (
+    ("accuracy (score / bound / floor, N)", "accuracy",
+     lambda b: f"{b['status']}: {b['score']:.3f} / {b['lower_bound']:.3f} / {_cell(b['floor'])}, {b['n']}"),
+    ("agreement (exact / prefix vs reference)", "agreement",
+     lambda b: f"{b['status']}: {b['exact_match']:.0%} / {b['mean_prefix']:.1f} vs {b['reference']}"
+               + (f"; first divergence prompt {b['first_divergence']['prompt']} token {b['first_divergence']['position']}"
+                  if b.get("first_divergence") else "")),
+)
+
+
+def _check_cell(block: dict[str, Any] | None, show: Any) -> str:
+    """A check's figures; a check that ended in an exception has only its status ("failed")."""
+    if block is None:
+        return "-"
+    return show(block) if len(block) > 1 else str(block["status"])
+
+
+def checks_table(entries: Iterable[dict[str, Any]]) -> str:
+    """One row per config with the non-benchmark checks' verdicts ("" when no config ran one)."""
+    rows = []
+    for entry in sorted(entries, key=lambda e: e["config"]):
+        checks = entry.get("checks") or {}
+        if not any(name in checks for _, name, _ in CHECK_COLUMNS):
+            continue
+        cells = [_check_cell(checks.get(name), show) for _, name, show in CHECK_COLUMNS]
+        rows.append("| " + " | ".join([entry["config"], *cells]) + " |")
+    if not rows:
+        return ""
+    header = "| config | " + " | ".join(title for title, _, _ in CHECK_COLUMNS) + " |"
+    return "\n".join([header, "|" + "---|" * (len(CHECK_COLUMNS) + 1), *rows])
 
 
 def failure_table(entries: Iterable[dict[str, Any]]) -> str:
@@ -109,13 +153,27 @@ def summary_markdown(successes: list[dict[str, Any]], failures: list[dict[str, A
     ) if n]
     head = f"## pytest-moe: {len(successes)} succeeded, {len(failures)} failed" + (f" ({', '.join(notes)})" if notes else "")
     parts = [head]
-    if successes:
-        parts.append(success_tables(successes))
+    measured = [e for e in [*successes, *failures] if _bench_rows(e) or e.get("checks")]
+    if measured:
+        parts.append(success_tables(measured))
     if failures:
         parts.append(failure_table(failures))
     return redact("\n\n".join(parts) + "\n")
 
 
 def junit_properties(entry: dict[str, Any]) -> list[tuple[str, str]]:
-    """Flat ``name=value`` pairs for ``record_property``; survives xdist (unlike testsuite properties)."""
-    return [(key, redact(str(value))) for key, value in entry.items() if value is not None]
+    """Flat ``name=value`` pairs for ``record_property``; survives xdist (unlike testsuite properties).
+
+    Check blocks are flattened: ``accuracy.score``, ``agreement.first_divergence.position``, and one group per
+    benchmark row, ``benchmark.bs8.latency_s``.
+    """
+    return [(key, redact(str(value))) for key, value in _flatten(entry, "") if value is not None]
+
+
+def _flatten(value: Any, prefix: str) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        key = (lambda k: f"{prefix}.{k}") if prefix else str
+        return [pair for k, v in value.items() for pair in _flatten(v, key(k).removeprefix("checks."))]
+    if isinstance(value, list) and all(isinstance(v, dict) and "batch_size" in v for v in value) and value:
+        return [pair for v in value for pair in _flatten(v, f"{prefix.removesuffix('.rows')}.bs{v['batch_size']}")]
+    return [(prefix, value)]

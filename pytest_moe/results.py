@@ -90,13 +90,15 @@ class ResultsStore:
         except OSError as exc:
             raise ResultsError(f"cannot read the results in {self.dir}: {exc.strerror or exc}") from None
 
-    def record_success(self, key: str, entry: dict[str, Any]) -> None:
+    def record_success(self, key: str, entry: dict[str, Any], clear_failure: bool = True) -> None:
+        """``clear_failure=False``: only some of the config's checks ran, so its old failure still stands."""
         entry = redact_value({**entry, "last_updated": now_iso()})
         with self._locked("record the success of " + key):
             successes, failures = self._read(self.success_path), self._read(self.failure_path)
             successes[key] = entry
             self._write(self.success_path, successes)
-            if failures.pop(key, None) is not None or not self.failure_path.exists():
+            cleared = clear_failure and failures.pop(key, None) is not None
+            if cleared or not self.failure_path.exists():
                 self._write(self.failure_path, failures)
 
     def record_failure(self, key: str, entry: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Running one matrix cell: model → server → benchmark → the entry that goes into the results files.
+"""Running one matrix cell: model → one server → every check → the entry that goes into the results files.
 
 Why a module of its own: the pytest fixtures and hooks stay thin (they only decide *when*), and this
 is the one place that knows *how* a config is run and described — also usable without pytest.
@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from pytest_moe import gpus
-from pytest_moe.bench import BenchResult, profile_stages, run_benchmark
+from pytest_moe.checks import CHECKS, Check, CheckContext
 from pytest_moe.engines import get_engine
-from pytest_moe.errors import Classification, classify, read_log_tail
 from pytest_moe.configs import ServerConfig
+from pytest_moe.entries import BenchmarkResult, CheckResult, CheckStatus, Entry, Status
+from pytest_moe.errors import Classification, ErrorType, classify, read_log_tail
 from pytest_moe.matrix import file_stem as safe_name
 from pytest_moe.multinode import MultiNodeServer, allocation_hosts
 from pytest_moe.preflight import Problem
@@ -25,7 +26,6 @@ from pytest_moe.redact import redact
 from pytest_moe.report import repro_command, shell_line
 from pytest_moe.results import ResultsStore
 from pytest_moe.retries import Attempt, entry_fields, retry_launch
-from pytest_moe.scoring import ENTRY_KEY as SCORE_KEY
 from pytest_moe.scoring import predict_booted
 from pytest_moe.server import Progress, Server, ServerError
 from pytest_moe.tiny import TINY_PREFIX, resolve_model_path
@@ -34,7 +34,12 @@ from pytest_moe.tiny import TINY_PREFIX, resolve_model_path
 SEED_COOLDOWN_S = 5.0
 #: What an interrupted config (Ctrl-C, SIGTERM from a cancelled job) is recorded as: the type list has no
 #: "Interrupted", and the fallback type says "not a known engine failure" without blaming the engine.
-INTERRUPTED_TYPE = "ServerError"
+INTERRUPTED_TYPE = ErrorType.SERVER_ERROR
+#: The benchmark check's name: its first row is the entry's seed fields.
+BENCHMARK = "benchmark"
+#: Seed 001's flat benchmark fields of a success entry.
+BENCH_FIELDS = ("batch_size", "input_len", "output_len", "latency_s", "ttft_s", "input_throughput_tok_per_s",
+                "output_throughput_tok_per_s", "itl_ms", "profile_extend", "profile_decode")
 #: Port shown in commands that were never launched (SGLang's default); a real launch picks a free one.
 LIST_PORT = 30000
 #: pytest-timeout's failure text (``signal`` method): a harness-level timeout, whatever the log says.
@@ -63,7 +68,7 @@ class RunOptions:
 
 
 class CellRun:
-    """State of one config's run, from launch to its results entry."""
+    """One config's cell: its server, shared by all of its checks, and the entry their results make."""
 
     def __init__(self, cfg: ServerConfig, opts: RunOptions, *, lease: gpus.GpuLease | None, progress: Progress):
         self.cfg = cfg
@@ -75,15 +80,32 @@ class CellRun:
         self.log_path = opts.log_dir / f"{safe_name(cfg.id)}.log"
         self.profile_dir = opts.results_dir / "traces" / safe_name(cfg.model) / safe_name(cfg.name) if opts.profile else None
         self.server: Server | None = None
-        self.result: BenchResult | None = None
-        self.profiles: dict[str, str] = {}
+        #: Why the one boot failed: every check of the config fails with it instead of booting again.
+        self.boot_error: ServerError | None = None
+        #: Results of the checks that ran, in run order.
+        self.results: dict[str, CheckResult] = {}
+        #: The first failure that was not a check's verdict (boot, crash, timeout): it sticks, so a later
+        #: passing check cannot turn the config's entry back into a success.
+        self.failure: Classification | None = None
         self._memory_baseline: dict[int, int] | None = None
-        #: The entry written for this config, once written (the hook, a timeout or an interrupt may write it).
+        #: The last entry written for this config (the hook, a timeout or an interrupt may write it).
         self.recorded: dict[str, Any] | None = None
         #: Launch attempts that failed and were retried (retry policy), oldest first.
         self.attempts: list[Attempt] = []
 
     # -- running -----------------------------------------------------------------------------------
+    def ensure_server(self) -> Server:
+        """The config's server, booted on its first check; a failed boot is not retried by later checks."""
+        if self.boot_error is not None:
+            raise self.boot_error
+        if self.server is None:
+            try:
+                self.start_server()
+            except ServerError as exc:
+                self.boot_error = exc
+                raise
+        return self.server
+
     def start_server(self) -> Server:
         """Launch and wait for readiness; on any failure the server is already torn down.
 
@@ -92,7 +114,8 @@ class CellRun:
         attempt's log is kept beside the config's log, and the attempt in ``self.attempts``.
         """
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path.unlink(missing_ok=True)
+        if self.server is None:  # a fresh log per run; a second boot of this cell would append (and show)
+            self.log_path.unlink(missing_ok=True)
         self._memory_baseline = gpus.memory_snapshot(self.gpu_indices) if self.gpu_indices else None
         server, self.attempts = retry_launch(
             self._launch,
@@ -132,15 +155,26 @@ class CellRun:
         )
         return self.server.__enter__()
 
-    def benchmark(self) -> BenchResult:
-        assert self.server is not None
-        self.result = run_benchmark(self.server.base_url, self.server.served_name, self.cfg.bench)
-        if self.profile_dir is not None:
-            self.profiles = profile_stages(
-                self.engine, self.server.base_url, self.server.served_name, self.cfg.bench,
-                launch_dir=self.server.profile_dir, out_dir=self.profile_dir,
-            )
-        return self.result
+    def run_check(self, check: Check) -> CheckResult:
+        """Run one check against the (already booted) server and keep its result for the entry."""
+        server = self.ensure_server()
+        ctx = CheckContext(
+            cfg=self.cfg, engine=self.engine, base_url=server.base_url, served_name=server.served_name,
+            out_dir=self.opts.results_dir / "checks" / safe_name(self.cfg.id), results_dir=self.opts.results_dir,
+            profile_dir=self.profile_dir, launch_profile_dir=server.profile_dir,
+        )
+        result = check.run(ctx)
+        self.results[check.name] = result
+        return result
+
+    def stop(self) -> None:
+        """Tear the server down (after the config's last check) and give its GPUs back."""
+        try:
+            if self.server is not None:
+                self.server.stop()
+        finally:
+            if self.lease is not None:
+                self.lease.release()
 
     def _after_stop(self, server: Server) -> None:
         """Wait for GPU memory to come back (NVML), else fall back to the seed's fixed pause."""
@@ -155,68 +189,115 @@ class CellRun:
         time.sleep(pause)
 
     # -- describing --------------------------------------------------------------------------------
-    def base_entry(self) -> dict[str, Any]:
-        """Fields every entry carries so a reader can act on it without opening anything else."""
+    def entry(self, status: Status, failure: Classification | None = None) -> Entry:
+        """The config's entry as of now: every check that ran keeps its block whatever failed."""
         names = sorted({g.name for g in self.lease.gpus}) if self.lease else []
-        server_command = shell_line(self.server.argv, self.server.launch_env) if self.server else None
-        return {
-            "model": self.cfg.model,
-            "config": self.cfg.name,
-            "engine": self.cfg.engine,
-            "engine_version": self.engine.version(),
-            "gpu_name": ", ".join(names) if names else ("cpu" if not self.engine.spec.uses_gpus else "unknown"),
-            "gpu_count": len(self.gpu_indices),
-            "server_command": server_command,
-            "log_path": str(self.log_path),
-            "repro_command": repro_command(self.cfg.id, self.cfg.matrix_path, self.opts.test_path),
-        }
+        bench = self.results.get(BENCHMARK)
+        profiles = bench.profiles if isinstance(bench, BenchmarkResult) else {}
+        return Entry(
+            model=self.cfg.model, config=self.cfg.name, status=status, engine=self.cfg.engine,
+            engine_version=self.engine.version(),
+            gpu_name=", ".join(names) if names else ("cpu" if not self.engine.spec.uses_gpus else "unknown"),
+            gpu_count=len(self.gpu_indices),
+            server_command=shell_line(self.server.argv, self.server.launch_env) if self.server else None,
+            log_path=str(self.log_path),
+            repro_command=repro_command(self.cfg.id, self.cfg.matrix_path, self.opts.test_path),
+            ready_after_s=round(self.server.ready_after_s, 1) if self.server and self.server.ready_after_s else None,
+            profile_extend=profiles.get("extend"), profile_decode=profiles.get("decode"),
+            error_type=failure.error_type if failure else None,
+            error_message=redact(failure.message) if failure else None,
+            signature=redact(failure.signature) if failure and failure.signature else None,
+            retry_fields=entry_fields(self.attempts, passed=failure is None, scrub=redact),
+            preflight=self.preflight_score(failure.error_type if failure else None),
+            checks=dict(self.results),
+        )
 
-    def success_entry(self) -> dict[str, Any]:
-        assert self.result is not None
-        entry = {**self.base_entry(), **self.result.record()}
-        entry["profile_extend"] = self.profiles.get("extend")
-        entry["profile_decode"] = self.profiles.get("decode")
-        entry["ready_after_s"] = round(self.server.ready_after_s, 1) if self.server and self.server.ready_after_s else None
-        entry.update(entry_fields(self.attempts, passed=True, scrub=redact))
-        return {**entry, **self.preflight_score(None)}
+    def check_raised(self, check: Check, failure: Classification) -> None:
+        """A check that ended in an exception still gets its block (``status: failed``) in the entry."""
+        self.results.setdefault(check.name, CheckResult(status=CheckStatus.FAILED, verdict=failure.message))
 
-    def failure_entry(self, classification: Classification) -> dict[str, Any]:
-        entry = {
-            **self.base_entry(),
-            "error_type": classification.error_type,
-            "error_message": redact(classification.message),
-            "status": "failed",
-            **self.preflight_score(classification.error_type),
-        }
-        if classification.signature:
-            entry["signature"] = redact(classification.signature)
-        entry.update(entry_fields(self.attempts, passed=False, scrub=redact))
-        return entry
+    def first_failed_check(self) -> Classification | None:
+        """A check whose verdict failed, as the failure the entry reports (the first one that ran)."""
+        for name, result in self.results.items():
+            if not result.passed and CHECKS[name].failure_type is not None:
+                return Classification(CHECKS[name].failure_type, result.verdict, None)
+        return None
 
-    def preflight_score(self, error_type: str | None) -> dict[str, Any]:
+    def preflight_score(self, error_type: str | None) -> dict[str, Any] | None:
         """What preflight said of this booted config beside its outcome (scoring.py), when it could tell."""
         block = predict_booted(self.cfg, list(self.lease.gpus) if self.lease else [], error_type)
-        return {SCORE_KEY: block} if block is not None else {}
+        return block
 
-    def record_success(self, store: ResultsStore) -> dict[str, Any]:
-        entry = {**self.success_entry(), "status": "success"}
-        store.record_success(self.cfg.id, entry)
-        self.recorded = entry
-        return entry
+    def record(self, store: ResultsStore, failure: Classification | None = None) -> dict[str, Any]:
+        """Write this config's entry now, so whatever kills the run next, its outcome is on disk.
 
-    def record_failure(self, store: ResultsStore, classification: Classification) -> dict[str, Any]:
-        """Write the failure now: whatever kills the run next, this config's outcome is on disk."""
-        entry = self.failure_entry(classification)
-        store.record_failure(self.cfg.id, entry)
-        self.recorded = entry
-        return entry
+        The success file gets the entry whenever the benchmark's figures are good (or nothing failed): a
+        failed accuracy or agreement check never discards them.  The failure file gets it whenever the boot or
+        any check failed; an old failure is cleared only once every check of the config passed.  Checks not run this time keep their previous blocks in the success entry, so
+        ``-m accuracy`` does not erase last night's benchmark.
+        """
+        self.failure = self.failure or failure
+        failure = self.failure or self.first_failed_check()
+        bench = self.results.get(BENCHMARK)
+        written = None
+        if failure is None or (bench is not None and bench.passed):
+            written = _merged_with_previous(store, self.entry(Status.SUCCESS).to_dict(), self.cfg.id)
+            store.record_success(self.cfg.id, written, clear_failure=failure is None and set(self.results) == set(CHECKS))
+        if failure is not None:
+            written = self.entry(Status.FAILED, failure).to_dict()
+            store.record_failure(self.cfg.id, written)
+        self.recorded = written
+        return written
 
     def classify_failure(self, exc: BaseException | None, exc_text: str) -> Classification:
         """Harness-known timeouts first; otherwise the classifier reads the exception and the server log."""
         if isinstance(exc, ServerError) and exc.timed_out or _PYTEST_TIMEOUT.match(exc_text):
-            return Classification("Timeout", exc_text.splitlines()[0][:300], None)
+            return Classification(ErrorType.TIMEOUT, exc_text.splitlines()[0][:300], None)
         log = read_log_tail(self.log_path) if self.log_path.exists() else ""
         return classify(exc_text + "\n" + log)
+
+
+class CellPool:
+    """The session's cells by config id: a config boots once, on its first check, and stops after its last.
+
+    Why a pool and not a fixture scope: pytest has no "per parameter" scope, and a module- or session-scoped
+    server would keep every config's server (and GPUs) alive until the end.  Items are ordered config by config,
+    so the plugin closes a cell when the next item belongs to another config (``close``) and closes whatever
+    is left at session end (``close_all``, also on Ctrl-C).
+    """
+
+    def __init__(self, opts: RunOptions, progress: Progress):
+        self.opts = opts
+        self.progress = progress
+        self.cells: dict[str, CellRun] = {}
+
+    def get(self, cfg: ServerConfig) -> CellRun:
+        """The config's cell; its GPUs are leased when it is first asked for and held until ``close``."""
+        if cfg.id not in self.cells:
+            lease = gpus.GpuLeaser().acquire(cfg.gpus_per_node, config_id=cfg.id) if cfg.gpus_per_node else None
+            self.cells[cfg.id] = CellRun(cfg, self.opts, lease=lease, progress=self.progress)
+        return self.cells[cfg.id]
+
+    def close(self, config_id: str) -> None:
+        cell = self.cells.pop(config_id, None)
+        if cell is not None:
+            cell.stop()
+
+    def close_all(self) -> None:
+        for config_id in list(self.cells):
+            self.close(config_id)
+
+
+def _merged_with_previous(store: ResultsStore, entry: dict[str, Any], key: str) -> dict[str, Any]:
+    """Keep a previous success's blocks (and its seed figures) for checks this run did not run."""
+    previous = store.load()[0].get(key)
+    if not isinstance(previous, dict) or not isinstance(previous.get("checks"), dict):
+        return entry
+    merged_checks = {**previous["checks"], **entry.get("checks", {})}
+    if BENCHMARK in entry.get("checks", {}):
+        return {**entry, "checks": merged_checks}
+    carried = {k: v for k, v in previous.items() if k in BENCH_FIELDS}
+    return {**carried, **entry, "checks": merged_checks}
 
 
 def display_command(cfg: ServerConfig) -> str:
@@ -229,30 +310,23 @@ def display_command(cfg: ServerConfig) -> str:
     return shell_line(argv, engine.environment(cfg, None))
 
 
-def predicted_entry(cfg: ServerConfig, opts: RunOptions, problems: list[Problem]) -> dict[str, Any]:
+def predicted_entry(cfg: ServerConfig, opts: RunOptions, problems: list[Problem]) -> Entry:
     """A failure preflight predicts: recorded like a real one, but ``status: predicted`` and never booted."""
-    return {
-        "model": cfg.model,
-        "config": cfg.name,
-        "engine": cfg.engine,
-        "error_type": problems[0].prevents,
-        "error_message": "; ".join(f"{p.rule_id}: {p.message}" for p in problems),
-        "rule_ids": ",".join(p.rule_id for p in problems),
-        "server_command": display_command(cfg),
-        "repro_command": repro_command(cfg.id, opts.matrix_path, opts.test_path) + " --moe-no-preflight",
-        "status": "predicted",
-    }
+    return Entry(
+        model=cfg.model, config=cfg.name, engine=cfg.engine, status=Status.PREDICTED,
+        error_type=ErrorType(problems[0].prevents),
+        error_message="; ".join(f"{p.rule_id}: {p.message}" for p in problems),
+        rule_ids=",".join(p.rule_id for p in problems),
+        server_command=display_command(cfg),
+        repro_command=repro_command(cfg.id, opts.matrix_path, opts.test_path) + " --moe-no-preflight",
+    )
 
 
-def crashed_worker_entry(config_id: str, opts: RunOptions, message: str) -> dict[str, Any]:
+def crashed_worker_entry(config_id: str, opts: RunOptions, message: str) -> Entry:
     """The failure entry the xdist controller writes for a config whose worker process died."""
     model, _, name = config_id.partition("::")
-    return {
-        "model": model,
-        "config": name,
-        "error_type": "Crash",
-        "error_message": message,
-        "log_path": str(opts.log_dir / f"{safe_name(config_id)}.log"),
-        "repro_command": repro_command(config_id, opts.matrix_path, opts.test_path),
-        "status": "failed",
-    }
+    return Entry(
+        model=model, config=name, status=Status.FAILED, error_type=ErrorType.CRASH, error_message=message,
+        log_path=str(opts.log_dir / f"{safe_name(config_id)}.log"),
+        repro_command=repro_command(config_id, opts.matrix_path, opts.test_path),
+    )

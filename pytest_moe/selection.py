@@ -53,6 +53,9 @@ def decide(cfg: ServerConfig, host_gpus: list[GpuInfo], preflight: bool, nodes_o
     )
 
 
-def run_order(cfg: ServerConfig | None) -> int:
-    """Sort key: configs needing the most GPUs first, so small ones fill the gaps of a shared node."""
-    return -(cfg.gpus_needed if cfg else 0)
+def run_order(cfg: ServerConfig | None) -> tuple[bool, int]:
+    """Sort key: agreement references first (the other configs compare with this run's outputs), then
+    configs needing the most GPUs first, so small ones fill the gaps of a shared node."""
+    if cfg is None:
+        return (True, 0)
+    return (not cfg.is_reference, -cfg.gpus_needed)

@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import requests
 
+from pytest_moe.checks import CHECKS
 from pytest_moe.matrix import load_matrix
 from pytest_moe.results import ResultsStore
 from pytest_moe.runner import CellRun, RunOptions
@@ -67,10 +68,10 @@ def overhead(tmp: Path) -> None:
     prep = server.ready_after_s is not None and (t_ready - t_start) - server.ready_after_s
     lag = t_ready - true_ready[0] if true_ready else float("nan")
     t_b = time.perf_counter()
-    cell.benchmark()
+    cell.run_check(CHECKS["benchmark"])
     bench_s = time.perf_counter() - t_b
     t_e = time.perf_counter()
-    ResultsStore(tmp).record_success(cell.cfg.id, cell.success_entry())
+    cell.record(ResultsStore(tmp))
     record_s = time.perf_counter() - t_e
     teardown = server.stop()
     total = prep + lag + teardown.seconds + record_s + matrix_ms / 1000

@@ -163,6 +163,8 @@ class EngineSpec(_Strict):
     args: tuple[StrictStr, ...] = ()
     moe_backends: tuple[StrictStr, ...] = Field(min_length=1)
     log_patterns: LogPatterns
+    #: POST endpoint that empties the engine's prefix/KV cache between benchmark cases (None: it has none).
+    flush_cache_path: StrictStr | None = None
 
     @classmethod
     def from_yaml(cls, name: str, raw: dict[str, Any]) -> EngineSpec:

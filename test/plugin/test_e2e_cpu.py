@@ -1,6 +1,7 @@
 """End to end on the real vLLM CPU build: the smoke matrix through the nightly suite, once, shared.
 
-One pytest run of ``test/nightly`` on ``smoke_matrix.yaml`` (5 real servers, about 6 minutes on 2 cores)
+One pytest run of ``test/nightly`` on ``smoke_matrix.yaml`` (5 real servers, each serving the benchmark
+sweep, the accuracy check and the agreement check from one boot; about 8 minutes on 2 idle cores)
 is started by the ``smoke_run`` fixture; every test below reads what that run left behind: exit code,
 terminal output, both results files, JUnit XML, the step summary, logs, traces, and the process table.
 """
@@ -79,7 +80,34 @@ def smoke_run(tmp_path_factory):
 
 def test_run_passes_with_the_crash_as_known_failure(smoke_run):
     assert smoke_run.returncode == 0, smoke_run.stdout[-3000:]
-    assert "4 passed, 1 skipped, 6 deselected, 1 xfailed" in smoke_run.stdout  # deselected: the kernel tests
+    # 4 configs x 3 checks pass; the crash config's 3 checks are its known failure; the predicted one skips;
+    # the kernel tests (no server) are deselected here and run in test_kernels.py.
+    assert "12 passed, 3 skipped, 6 deselected, 3 xfailed" in smoke_run.stdout
+
+
+def test_one_boot_per_config_serves_all_its_checks(smoke_run):
+    """The harness writes one ``$ <command>`` line into a config's log per launch."""
+    for key in OK_IDS | {CRASH_ID}:
+        log = smoke_run.dir / "results" / "logs" / f"{key.replace('::', '_')}.log"
+        assert sum(1 for line in log.read_text(errors="replace").splitlines() if line.startswith("$ ")) == 1, key
+    for key in OK_IDS:
+        assert set(smoke_run.successes[key]["checks"]) == {"benchmark", "accuracy", "agreement"}
+
+
+def test_checks_record_the_sweep_the_accuracy_bound_and_the_agreement(smoke_run):
+    for key in OK_IDS:
+        checks = smoke_run.successes[key]["checks"]
+        assert [row["batch_size"] for row in checks["benchmark"]["rows"]] == [1, 4]
+        assert all(row["latency_s"] > 0 and row["output_throughput_tok_per_s"] > 0 for row in checks["benchmark"]["rows"])
+        accuracy = checks["accuracy"]
+        assert accuracy["n"] == 40 and 0 <= accuracy["lower_bound"] <= accuracy["score"] <= 1
+        assert len(Path(accuracy["per_question_file"]).read_text().splitlines()) == 40
+        agreement = checks["agreement"]
+        assert agreement["reference"] == "TP1_auto" and 0 <= agreement["exact_match"] <= 1
+        print(f"{key}: accuracy {accuracy['seconds_per_question']} s/question; agreement {agreement['exact_match']:.0%} "
+              f"exact, mean prefix {agreement['mean_prefix']}")
+    for model in ("tiny-qwen3-moe", "tiny-mixtral"):  # a reference agrees with itself by definition
+        assert smoke_run.successes[f"{model}::TP1_auto"]["checks"]["agreement"]["exact_match"] == 1.0
 
 
 def test_success_entries_have_the_seed_fields_and_what_a_reader_needs(smoke_run):
@@ -135,6 +163,7 @@ def test_junit_carries_metrics_as_properties(smoke_run):
     assert OK_IDS | {CRASH_ID} <= set(props)
     for key in OK_IDS:
         assert float(props[key]["latency_s"]) > 0 and float(props[key]["itl_ms"]) > 0
+        assert float(props[key]["benchmark.bs4.latency_s"]) > 0 and props[key]["accuracy.n"] == "40"
         assert props[key]["status"] == "success"
     assert props[CRASH_ID]["error_type"] == "Crash" and props[CRASH_ID]["status"] == "xfailed"
 
@@ -146,6 +175,7 @@ def test_terminal_and_step_summary_show_seed_tables_and_a_repro_per_failure(smok
         assert "| config | batch size | input len | latency (s) | input throughput (tok/s) | output throughput (tok/s) | ITL (ms) | profile (extend) | profile (decode) |" in text
         assert f"pytest test/nightly --moe-matrix {SMOKE} --moe-config {CRASH_ID}" in text
         assert "server: `env VLLM_CPU_KVCACHE_SPACE=1" in text
+        assert "| config | accuracy (score / bound / floor, N) | agreement (exact / prefix vs reference) |" in text
 
 
 def test_repro_command_selects_exactly_that_config(smoke_run):
@@ -153,8 +183,8 @@ def test_repro_command_selects_exactly_that_config(smoke_run):
     assert argv[0] == "pytest"
     proc = subprocess.run([sys.executable, "-m", *argv, "--collect-only", "-q"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    total = len(load_matrix(ROOT / SMOKE).configs)
-    assert f"test_benchmark[{CRASH_ID}]" in proc.stdout and f"1/{total} tests collected ({total - 1} deselected)" in proc.stdout
+    total = 3 * len(load_matrix(ROOT / SMOKE).configs)
+    assert f"test_moe[{CRASH_ID}-benchmark]" in proc.stdout and f"3/{total} tests collected ({total - 3} deselected)" in proc.stdout
 
 
 def test_no_server_process_outlives_the_run_and_ports_are_free(smoke_run):

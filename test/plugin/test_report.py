@@ -54,3 +54,15 @@ def test_redaction_by_value_name_flag_and_url(monkeypatch):
 def test_shell_line_puts_environment_first_and_quotes():
     line = shell_line(["python", "-m", "x", "--bind", "0|1"], {"B": "2", "A": "1"})
     assert line == "env A=1 B=2 python -m x --bind '0|1'"
+
+
+def test_checks_table_shows_verdict_figures_and_bare_failures():
+    checks = {
+        "benchmark": {"status": "passed", "rows": [{**{k: SEED_ROW[k] for k in ("batch_size", "input_len", "latency_s")}},
+                                                   {"batch_size": 8, "input_len": 4096, "latency_s": 9.5}]},
+        "accuracy": {"status": "failed", "score": 0.75, "n": 200, "lower_bound": 0.68, "floor": 0.88, "per_question_file": "q.jsonl"},
+        "agreement": {"status": "failed"},
+    }
+    text = success_tables([{"model": "M", "config": "TP8_auto", "checks": checks}])
+    assert "| TP8_auto | 1 | 4096 | 7.59 |" in text and "| TP8_auto | 8 | 4096 | 9.50 |" in text
+    assert "| TP8_auto | failed: 0.750 / 0.680 / 0.88, 200 | failed |" in text

@@ -1,0 +1,1 @@
+"""The pytest plugin objects, one per concern, registered by ``pytest_moe.plugin.pytest_configure``."""

@@ -1,0 +1,44 @@
+"""The end-of-run summary: per model, the benchmark rows, the accuracy and agreement verdicts, the failures.
+
+Why from report properties and not from the cells: under pytest-xdist only the controller prints, and it
+sees the workers' results only as the ``user_properties`` of their reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+
+from pytest_moe.plugins.recording import ENTRY_PROPERTY, MoERecorder
+from pytest_moe.report import summary_markdown
+
+
+class MoESummary:
+    def __init__(self, recorder: MoERecorder):
+        self.recorder = recorder
+        #: The last entry recorded per config in this run (a config's later checks update it).
+        self.entries: dict[str, dict[str, Any]] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        props = dict(report.user_properties)
+        if ENTRY_PROPERTY in props and report.when != "teardown":
+            self.entries[props["moe_id"]] = json.loads(props[ENTRY_PROPERTY])
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+        store = self.recorder.store
+        if hasattr(config, "workerinput") or not (self.entries or store.warnings):
+            return
+        entries = [self.entries[key] for key in sorted(self.entries)]
+        text = summary_markdown([e for e in entries if e.get("status") == "success"],
+                                [e for e in entries if e.get("status") != "success"])
+        text += "".join(f"\n> warning: {w}\n" for w in store.warnings)
+        terminalreporter.section("pytest-moe results")
+        terminalreporter.write(text)
+        terminalreporter.write_line(f"results: {store.success_path} and {store.failure_path}")
+        step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if step_summary:
+            with open(step_summary, "a", encoding="utf-8") as fh:
+                fh.write(text)
