@@ -110,13 +110,16 @@ class ResultsStore:
             if not self.success_path.exists():
                 self._write(self.success_path, {})
 
-    def record_check(self, key: str, name: str, block: dict[str, Any], new_entry: dict[str, Any]) -> None:
+    def record_check(self, key: str, name: str, block: dict[str, Any], new_entry: dict[str, Any]) -> dict[str, Any]:
         """Put one check's result under ``checks.<name>`` of the config's entry (the success entry first).
 
         A check that runs without a server (the kernel check) may be the first thing recorded for a
-        config: then ``new_entry`` starts the entry, in the file its ``status`` belongs to.
+        config: then ``new_entry`` starts the entry, in the file its ``status`` belongs to.  Returns the
+        entry as written.
         """
-        with self._lock:
+        block, new_entry = redact_value(block), redact_value(new_entry)
+        entry = {**new_entry, "checks": {name: block}}  # what the caller gets if the write fails (a warning)
+        with self._locked(f"record the {name} check of {key}"):
             successes, failures = self._read(self.success_path), self._read(self.failure_path)
             if key in successes or (key not in failures and new_entry.get("status") == "success"):
                 target, path = successes, self.success_path
@@ -129,6 +132,7 @@ class ResultsStore:
             for other in (self.success_path, self.failure_path):
                 if not other.exists():
                     self._write(other, {})
+        return entry
 
     def load(self) -> tuple[dict[str, Any], dict[str, Any]]:
         if not self.dir.is_dir():

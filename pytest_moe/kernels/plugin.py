@@ -54,7 +54,7 @@ class KernelPlugin:
     @pytest.fixture
     def moe_kernel(self, request: pytest.FixtureRequest, moe_config: ServerConfig) -> Callable[[], KernelResult]:
         """Run the kernel check for ``moe_config`` (on one leased GPU where the config uses GPUs) and record it."""
-        session = request.config.pluginmanager.get_plugin("moe-session")
+        session = request.config.pluginmanager.get_plugin("moe-recorder")
 
         def run() -> KernelResult:
             lease = gpus.GpuLeaser().acquire(1, config_id=moe_config.id) if moe_config.gpus_needed else None
@@ -76,10 +76,12 @@ class KernelPlugin:
             pytest.skip(str(exc))
         except KernelCheckError as exc:
             block = {"status": "failed", "rows": [], "tuned_config": None, "error_message": str(exc)}
-            session.store.record_check(cfg.id, CHECK_NAME, block, {**new_entry, "status": "failed",
-                                       "error_type": exc.error_type, "error_message": str(exc)})
+            entry = session.store.record_check(cfg.id, CHECK_NAME, block, {**new_entry, "status": "failed",
+                                               "error_type": exc.error_type, "error_message": str(exc)})
+            request.config.hook.pytest_moe_entry_recorded(config=request.config, key=cfg.id, entry=entry, outcome="failed")
             raise
-        session.store.record_check(cfg.id, CHECK_NAME, result.record(), {**new_entry, "status": "success"})
+        entry = session.store.record_check(cfg.id, CHECK_NAME, result.record(), {**new_entry, "status": "success"})
+        request.config.hook.pytest_moe_entry_recorded(config=request.config, key=cfg.id, entry=entry, outcome="passed")
         request.node.user_properties.append((_RESULT_PROPERTY, json.dumps({"id": cfg.id, **result.record()})))
         if result.warning:
             warnings.warn(UntunedKernelWarning(result.warning), stacklevel=2)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 from fakes.stream_server import StreamScript, StubEngine, StubServer
 
+from pytest_moe.checks import CHECKS
 from pytest_moe.bench import (BenchmarkError, check_stream, compute_metrics, profile_stages, run_benchmark,
                               stream_completion)
 from pytest_moe.configs import BenchSpec, ServerConfig
@@ -153,10 +154,12 @@ def test_the_runner_records_an_impossible_stream_as_a_failure_not_a_success(tmp_
     store = ResultsStore(tmp_path)
     with StubServer(StubEngine(StreamScript(token_delta=-3))) as srv:
         cell.server = SimpleNamespace(base_url=srv.base_url, served_name="m", profile_dir=None, argv=["stand-in"],
-                                      launch_env={})
+                                      launch_env={}, ready_after_s=None)
         with pytest.raises(BenchmarkError) as info:
-            cell.benchmark()
-    cell.record_failure(store, cell.classify_failure(info.value, f"BenchmarkError: {info.value}"))
+            cell.run_check(CHECKS["benchmark"])
+    failure = cell.classify_failure(info.value, f"BenchmarkError: {info.value}")
+    cell.check_raised(CHECKS["benchmark"], failure)
+    cell.record(store, failure)
     successes, failures = store.load()
     assert "M::TP1_auto" not in successes
     entry = failures["M::TP1_auto"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -19,17 +18,11 @@ from scipy.stats import binom
 
 from pytest_moe import engines
 from pytest_moe.checks.accuracy import extract_answer, load_questions, verdict
-from pytest_moe.matrix import AccuracySpec
+from pytest_moe.configs import AccuracySpec
 
-FAKE = str(Path(__file__).parent / "fakes" / "fake_engine.py")
+from fakes.fake_engine_spec import FAKE_ENGINE
+
 NIGHTLY = (Path(__file__).resolve().parents[2] / "test" / "nightly" / "test_moe_matrix.py").read_text()
-FAKE_ENGINE = {
-    "adapter": "fake", "distributions": [], "launch": [sys.executable, FAKE], "uses_gpus": False,
-    "flags": {"model": "--model", "served_model_name": "--served-model-name", "tp": "--tp", "ep": "--ep",
-              "quantization": "--quantization", "moe_backend": "--moe-backend", "host": "--host", "port": "--port"},
-    "ep_style": "size", "readiness_path": "/health", "models_path": "/v1/models", "profile": {},
-    "moe_backends": ["auto"], "log_patterns": {"loading": "starting", "http_up": "startup complete"},
-}
 
 
 @pytest.fixture
@@ -38,9 +31,11 @@ def fake_engine(monkeypatch):
     real = engines.load_yaml
     monkeypatch.setattr(engines, "load_yaml", lambda name: {**real(name), "fake": FAKE_ENGINE} if name == "engines.yaml" else real(name))
     monkeypatch.setitem(engines._ADAPTERS, "fake", engines.Engine)
-    engines.get_engine.cache_clear()
+    engines._specs.cache_clear()
+    engines._engines.cache_clear()
     yield
-    engines.get_engine.cache_clear()
+    engines._specs.cache_clear()
+    engines._engines.cache_clear()
 
 
 def _run(pytester, matrix: str, *extra: str):

@@ -245,7 +245,7 @@ def test_secrets_never_reach_terminal_junit_or_results(pytester):
     """A failure whose text carries a flag value, a bearer token and a URL password, end to end through the plugin."""
     secrets = ("sk-flag-7f6e5d4c", "tok.bearer.9a8b7c", "p@ss/w0rd")
     pytester.makepyfile(test_nightly=(
-        "def test_benchmark(moe_config, moe_cell):\n"
+        "def test_benchmark(moe_config, moe_check, moe_cell):\n"
         "    raise RuntimeError('server said: --api_key sk-flag-7f6e5d4c; Authorization: Bearer tok.bearer.9a8b7c; '\n"
         "                       'fetching https://bot:p@ss/w0rd@hub.example.invalid/m')\n"))
     (pytester.path / "m.yaml").write_text("defaults: {engine: vllm-cpu}\n" + GOOD)  # no GPU needed: the test runs

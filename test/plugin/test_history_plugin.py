@@ -26,10 +26,12 @@ models:
 TEST_FILE = """\
 import os
 from pytest_moe.bench import compute_metrics
+from pytest_moe.entries import BenchmarkResult, CheckStatus
 
-def test_benchmark(moe_cell):
+def test_benchmark(moe_check, moe_cell):
     thr = float(os.environ["FAKE_OUTPUT_THROUGHPUT"])
-    moe_cell.result = compute_metrics(1, 4096, 512, 0.1 + 512 / thr, 0.1)
+    row = compute_metrics(1, 4096, 512, 0.1 + 512 / thr, 0.1).record()
+    moe_cell.results[moe_check.name] = BenchmarkResult(status=CheckStatus.PASSED, rows=[row])
 """
 
 
@@ -58,7 +60,7 @@ def _run(suite, throughput: float, *extra: str):
     pytester._monkeypatch.setenv("FAKE_OUTPUT_THROUGHPUT", str(throughput))
     junit = tmp_path / "junit.xml"
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-n", "2", "--moe-no-preflight", "--moe-history", url,
+        "-p", "no:cacheprovider", "-n", "2", "-m", "benchmark", "--moe-no-preflight", "--moe-history", url,
         "--moe-results-dir", str(tmp_path / "res"), "--junitxml", str(junit), *extra,
     )
     return result, junit
@@ -92,7 +94,7 @@ def test_without_the_flag_a_regression_is_reported_not_failed(suite):
 def test_history_off_writes_nothing(suite):
     pytester, url, tmp_path = suite
     pytester._monkeypatch.setenv("FAKE_OUTPUT_THROUGHPUT", "100")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--moe-no-preflight", "--moe-history", "off",
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-m", "benchmark", "--moe-no-preflight", "--moe-history", "off",
                                            "--moe-results-dir", str(tmp_path / "res"))
     result.assert_outcomes(passed=2)
     assert not HistoryStore(url).has_run("gh-4242-1")

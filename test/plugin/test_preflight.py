@@ -32,6 +32,7 @@ from pytest_moe.preflight import (
     verdict,
     version_notes,
 )
+from pytest_moe.entries import Status
 from pytest_moe.runner import CellRun, RunOptions
 from pytest_moe.scoring import prediction_block
 
@@ -336,7 +337,7 @@ def test_a_booted_config_records_what_preflight_said(tmp_path):
                        args=(), env=(), timeout_s=10, host="127.0.0.1", bench=BenchSpec(), known_failure=None,
                        matrix_path="m.yaml", uses_gpus=False)
     cell = CellRun(cfg, RunOptions(matrix_path="m.yaml", results_dir=tmp_path), lease=None, progress=print)
-    entry = cell.failure_entry(Classification("QuantizationConflict", "does not match", None))
+    entry = cell.entry(Status.FAILED, Classification("QuantizationConflict", "does not match", None)).to_dict()
     assert entry["preflight"] == {
         "rules": ["quantization-conflict", "trust-remote-code"], "prevents": ["QuantizationConflict", "TrustRemoteCode"],
         "predicted": "QuantizationConflict", "outcome": "QuantizationConflict", "right": True}

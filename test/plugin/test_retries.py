@@ -22,6 +22,7 @@ from pytest_moe.report import junit_properties, summary_markdown
 from pytest_moe.results import ResultsStore
 from pytest_moe.retries import RetryPolicyError, load_policy, parse_policy
 from pytest_moe.runner import CellRun, RunOptions
+from pytest_moe.checks import CHECKS
 from pytest_moe.server import ServerError
 
 from fakes.standin import fake_config, fake_engine
@@ -135,10 +136,10 @@ def test_port_clash_at_bind_is_retried_and_the_pass_recorded_flaky(tmp_path, mon
     server = cell.start_server()
     try:
         assert server.port != taken_port
-        cell.benchmark()
+        cell.run_check(CHECKS["benchmark"])
     finally:
         server.stop()
-    cell.record_success(store)
+    cell.record(store)
 
     logs = tmp_path / "logs"
     assert "Address already in use" in (logs / "fake_TP1_auto.attempt1.log").read_text()
@@ -171,7 +172,7 @@ def test_oom_is_never_retried(tmp_path, monkeypatch, retries) -> None:
     log = (tmp_path / "logs" / "fake_TP1_auto.log").read_text()
     assert log.count("fake engine starting") == 1  # one launch
     assert not list((tmp_path / "logs").glob("*.attempt*.log")) and not lines
-    entry = cell.record_failure(ResultsStore(tmp_path), cell.classify_failure(info.value, str(info.value).splitlines()[0]))
+    entry = cell.record(ResultsStore(tmp_path), cell.classify_failure(info.value, str(info.value).splitlines()[0]))
     assert entry["error_type"] == "OOM" and entry["error_message"].startswith("torch.OutOfMemoryError: CUDA out of memory.")
     assert "attempts" not in entry and "flaky" not in entry and "signature" not in entry
 
@@ -184,7 +185,7 @@ def test_an_unknown_failure_in_two_configs_gets_one_signature(tmp_path, monkeypa
                          "--say-file", _say(tmp_path, UNKNOWN_LINE), name=name)
         with pytest.raises(ServerError) as info:
             cell.start_server()
-        entries.append(cell.record_failure(store, cell.classify_failure(info.value, str(info.value).splitlines()[0])))
+        entries.append(cell.record(store, cell.classify_failure(info.value, str(info.value).splitlines()[0])))
     first, second = entries
     assert first["error_type"] == second["error_type"] == "ServerError"
     assert first["error_message"] != second["error_message"]  # pid and port differ between the two launches
