@@ -221,5 +221,5 @@ def test_a_bad_server_timeout_from_the_environment_is_a_usage_error(pytester, fa
     pytester.makepyfile(test_nightly=NIGHTLY)
     result = pytester.runpytest("--moe-matrix", "matrix.yaml", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*$PYTEST_MOE_SERVER_TIMEOUT: server timeout 'soon' is not a number of seconds*"])
+    result.stderr.fnmatch_lines(["*$PYTEST_MOE_SERVER_TIMEOUT: server timeout 'soon' is not a finite number of seconds*"])
     assert "Traceback" not in result.stderr.str() + result.stdout.str()
