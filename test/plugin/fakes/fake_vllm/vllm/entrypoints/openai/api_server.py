@@ -70,7 +70,7 @@ class Handler(BaseHTTPRequestHandler):
             chunk = {"choices": [{"index": i, "text": " tok"} for i in range(len(prompts))]}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
-            time.sleep(0.001)  # a measurable decode time, so latency > ttft
+            time.sleep(0.02)  # a decode time that survives rounding: latency - ttft >= 0.08 s at 5 tokens
         usage = {"choices": [], "usage": {"completion_tokens": per_prompt * len(prompts)}}
         self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
 
