@@ -24,6 +24,8 @@ from pytest_moe.server import Server
 FAKE = str(Path(__file__).parent / "fakes" / "fake_vllm" / "vllm" / "entrypoints" / "openai" / "api_server.py")
 #: Short where escalation is expected (each such test waits it out once).
 GRACE_S = 1.0
+#: A hang guard, not a timing assertion: teardown that never escalates waits forever on a SIGTERM-proof tree.
+pytestmark = pytest.mark.timeout(60)
 #: Where no escalation is expected: long enough that a loaded 2-core machine never makes it escalate
 #: (a resumed tree takes about 2 s to be reaped there); a passing test does not wait for it.
 LONG_GRACE_S = 10.0
