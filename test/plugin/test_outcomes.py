@@ -9,6 +9,8 @@ surface, so the tests hold whatever the plugin's inside looks like.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -67,18 +69,23 @@ def _nightly_argv(tmp: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def outcome_run(tmp_path_factory):
-    """One run of the nightly suite over the six stand-in configs (about 6 s), shared by the tests below."""
+    """One run of the nightly suite over the six stand-in configs (about 6 s), shared by the tests below.
+
+    In this process (as pytester's in-process runs do), so the plugin's hooks are seen by coverage and by
+    mutation testing's per-test bookkeeping; the servers are real child processes all the same.
+    """
     tmp = tmp_path_factory.mktemp("outcomes")
     (tmp / "matrix.yaml").write_text(MATRIX)
-    argv = [sys.executable, "-m", "pytest", *_nightly_argv(tmp, "--junitxml", str(tmp / "junit.xml"), "-rA")]
-    proc = subprocess.run(argv, cwd=tmp, capture_output=True, text=True, timeout=240)
-    output = proc.stdout + proc.stderr
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+        ret = pytest.main(_nightly_argv(tmp, "--junitxml", str(tmp / "junit.xml"), "-rA"))
+    output = buffer.getvalue()
     cases = {}
     for case in ET.parse(tmp / "junit.xml").getroot().iter("testcase"):
         props = {p.get("name"): p.get("value") for p in case.iter("property")}
         cases[props.get("moe_id", case.get("name"))] = (case, props)
     return {
-        "ret": proc.returncode, "output": output, "cases": cases, "dir": tmp,
+        "ret": int(ret), "output": output, "cases": cases, "dir": tmp,
         "success": json.loads((tmp / "res" / "success_results.json").read_text()),
         "failure": json.loads((tmp / "res" / "failure_results.json").read_text()),
     }

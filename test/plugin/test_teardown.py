@@ -11,12 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from pytest_moe import janitor
 from pytest_moe.engines.base import Engine, EngineSpec
 from pytest_moe.matrix import BenchSpec, ServerConfig
 from pytest_moe.server import Server
@@ -73,6 +75,16 @@ def _wait_children(srv: Server, count: int) -> list[psutil.Process]:
     raise AssertionError(f"stand-in did not start {count} children: {srv.log_path.read_text()}")
 
 
+def _suspend(tree: list[psutil.Process]) -> None:
+    """SIGSTOP every process and wait until the kernel shows each one stopped (delivery is asynchronous)."""
+    for proc in tree:
+        proc.suspend()
+    deadline = time.monotonic() + 30
+    while not all(p.status() == psutil.STATUS_STOPPED for p in tree):
+        assert time.monotonic() < deadline, [p.status() for p in tree]
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def started(tmp_path):
     """A ready stand-in server; whatever a test does, every process of its tree is killed afterwards."""
@@ -114,9 +126,7 @@ def test_a_tree_that_ignores_sigterm_is_killed_with_sigkill_and_nothing_survives
 def test_a_sigstopped_server_gets_sigcont_so_sigterm_alone_stops_it(started):
     """A stopped process cannot act on SIGTERM; without the SIGCONT it would wait out the grace and be SIGKILLed."""
     srv, tree = started(grace_s=LONG_GRACE_S)
-    for proc in tree:
-        proc.suspend()
-    assert all(p.status() == psutil.STATUS_STOPPED for p in tree)
+    _suspend(tree)
     teardown = srv.stop()
     assert not teardown.escalated_to_sigkill
     assert teardown.survivors == []
@@ -125,8 +135,7 @@ def test_a_sigstopped_server_gets_sigcont_so_sigterm_alone_stops_it(started):
 
 def test_a_sigstopped_tree_that_ignores_sigterm_is_still_killed(started):
     srv, tree = started("--fake-ignore-sigterm")
-    for proc in tree:
-        proc.suspend()
+    _suspend(tree)
     teardown = srv.stop()
     assert teardown.escalated_to_sigkill and teardown.survivors == []
     assert [p.pid for p in tree if not _gone(p)] == []
@@ -143,51 +152,57 @@ time.sleep(3600)
 """
 
 
-def test_the_janitor_kills_the_tree_when_its_owner_dies(tmp_path):
-    """The owner (a pytest worker in real life, the server's parent) is SIGKILLed: no teardown runs there."""
+@pytest.mark.parametrize("where", ["in-process", "as-started-by-server"])
+def test_the_janitor_kills_the_tree_when_its_owner_dies(tmp_path, where):
+    """The owner (a pytest worker in real life, the server's parent) is SIGKILLed: no teardown runs there.
+
+    ``in-process`` calls ``janitor.watch`` here (so coverage and mutation testing see it); the other runs
+    ``python -m pytest_moe.janitor`` exactly as ``server.Server`` starts it.
+    """
     owner = subprocess.Popen([sys.executable, "-c", OWNER, FAKE, "--fake-hang", "--fake-ignore-sigterm", "--fake-children", "2"],
                              stdout=subprocess.PIPE, text=True)
-    janitor = None
+    janitor_proc = None
     tree: list[psutil.Process] = []
     try:
         leader = int(owner.stdout.readline())
         tree = _tree(leader)
         assert len(tree) == 3
-        janitor = subprocess.Popen([sys.executable, "-m", "pytest_moe.janitor", str(owner.pid), str(leader), str(GRACE_S)])
         owner.kill()
         owner.wait()
-        assert janitor.wait(timeout=60) == 1  # 1: it had to kill
+        if where == "in-process":
+            assert janitor.watch(owner.pid, leader, GRACE_S) == 1  # 1: it had to kill
+        else:
+            janitor_proc = subprocess.Popen([sys.executable, "-m", "pytest_moe.janitor", str(owner.pid), str(leader), str(GRACE_S)])
+            assert janitor_proc.wait(timeout=60) == 1
         assert [p.pid for p in tree if not _gone(p)] == []
     finally:
-        for proc in [owner, janitor, *tree]:
+        for proc in [owner, janitor_proc, *tree]:
             try:
                 if proc is not None:
                     proc.kill()
             except (ProcessLookupError, psutil.Error):
                 pass
         owner.wait()
-        if janitor is not None:
-            janitor.wait()
+        if janitor_proc is not None:
+            janitor_proc.wait()
 
 
-def test_the_janitor_leaves_the_tree_alone_while_its_owner_lives_and_exits_when_the_tree_is_gone(tmp_path):
+def test_the_janitor_leaves_the_tree_alone_while_its_owner_lives_and_returns_when_the_tree_is_gone(tmp_path):
     leader = subprocess.Popen([sys.executable, FAKE, "--fake-hang"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)
-    janitor = None
+    result: list[int] = []
+    watcher = threading.Thread(target=lambda: result.append(janitor.watch(os.getpid(), leader.pid, 0)), daemon=True)
     try:
         for line in leader.stdout:
             if line.startswith("fake vllm loading forever"):
                 break
-        janitor = subprocess.Popen([sys.executable, "-m", "pytest_moe.janitor", str(os.getpid()), str(leader.pid), "0"])
-        with pytest.raises(subprocess.TimeoutExpired):
-            janitor.wait(timeout=2)  # four of its polls: the owner (this process) lives, so nothing is killed
-        assert leader.poll() is None
+        watcher.start()
+        watcher.join(2)  # four of its polls: the owner (this process) lives, so nothing may be killed
+        assert watcher.is_alive() and leader.poll() is None
         leader.kill()
         leader.wait()
-        assert janitor.wait(timeout=30) == 0  # 0: the tree went away by itself
+        watcher.join(30)
+        assert result == [0]  # 0: the tree went away by itself
     finally:
         leader.kill()
         leader.wait()
-        if janitor is not None:
-            janitor.kill()
-            janitor.wait()
