@@ -55,24 +55,34 @@ if args.fake_hang:
 
 
 class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
     def do_GET(self):  # noqa: N802 (http.server's naming)
         body = {"data": [{"id": args.served_model_name}]} if self.path == "/v1/models" else {}
         self._json(body)
 
     def do_POST(self):  # noqa: N802
+        """Streams like uvicorn: HTTP/1.1 chunked, one chunk per event, so the client sees each one as it comes."""
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompts = request["prompt"]
         per_prompt = args.fake_tokens if args.fake_tokens is not None else request["max_tokens"]
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         for _ in range(per_prompt):
             chunk = {"choices": [{"index": i, "text": " tok"} for i in range(len(prompts))]}
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            self.wfile.flush()
+            self._chunk(f"data: {json.dumps(chunk)}\n\n")
             time.sleep(0.02)  # a decode time that survives rounding: latency - ttft >= 0.08 s at 5 tokens
         usage = {"choices": [], "usage": {"completion_tokens": per_prompt * len(prompts)}}
-        self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+        self._chunk(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _chunk(self, text):
+        data = text.encode()
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
 
     def _json(self, body):
         payload = json.dumps(body).encode()
