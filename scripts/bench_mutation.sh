@@ -28,9 +28,20 @@ for module in "${modules[@]}"; do
     globs+=("pytest_moe.${module}.*")
 done
 rm -rf mutants
-# Child processes (pytester subprocesses, the janitor) must import the mutated copy, not this checkout.
-export PYTHONPATH="$PWD/mutants"
-python -m mutmut run --max-children "${MUTATION_JOBS:-$(nproc)}" "${globs[@]}" || true
+# Child processes (pytester subprocesses, the janitor) import the mutated copy, not this checkout, and run
+# the mutant under test (mutmut passes it in MUTANT_UNDER_TEST).  While mutmut records which test reaches
+# which function ("stats"), a child cannot report its hits and would fail looking for mutmut's config in
+# its own working directory: this sitecustomize makes such a child run the original code instead.
+site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
+cat > "$site/sitecustomize.py" <<'PY'
+import os
+
+if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+    os.environ["MUTANT_UNDER_TEST"] = ""
+PY
+export PYTHONPATH="$PWD/mutants:$site"
+python -m mutmut run --max-children "${MUTATION_JOBS:-$(nproc)}" "${globs[@]}"
 python -m mutmut results --all true > mutants/results.txt
 python - "${modules[@]}" <<'PY'
 import re
