@@ -27,7 +27,7 @@ for module in "${modules[@]}"; do
     [[ " ${core[*]} " == *" $module "* ]] || { echo "error: $module is not a core module (${core[*]})" >&2; exit 2; }
     globs+=("pytest_moe.${module}.*")
 done
-rm -rf mutants
+rm -rf mutants && mkdir mutants   # it must exist when Python starts, being on PYTHONPATH
 # Child processes (pytester subprocesses, the janitor) import the mutated copy, not this checkout, and run
 # the mutant under test (mutmut passes it in MUTANT_UNDER_TEST).  While mutmut records which test reaches
 # which function ("stats"), a child cannot report its hits and would fail looking for mutmut's config in
