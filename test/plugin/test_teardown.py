@@ -8,7 +8,6 @@ teardown and checked after it, so a child that outlives its parent counts as a s
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
