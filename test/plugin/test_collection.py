@@ -1,6 +1,7 @@
 """Plugin behaviour through pytester: collection, markers, -k, --moe-config, GPU skips, usage errors."""
 
 import json
+import sys
 
 import pytest
 
@@ -114,7 +115,7 @@ def test_moe_matrix_option_names_another_file(suite):
 
 
 def test_list_command_prints_every_config_with_markers_gpus_and_command(suite):
-    result = suite.run("python", "-m", "pytest_moe", "list", "--moe-matrix", "model_matrix.yaml")
+    result = suite.run(sys.executable, "-m", "pytest_moe", "list", "--moe-matrix", "model_matrix.yaml")
     lines = result.outlines
     assert len(lines) == 6
     big8 = next(line for line in lines if line.startswith("Big::TP8_EP2_auto\t"))

