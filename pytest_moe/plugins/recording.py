@@ -134,6 +134,8 @@ class MoERecorder:
             if redact(str(report.longrepr)) != str(report.longrepr):  # JUnit's failure text
                 report.longrepr = redact(str(report.longrepr))
         apply_waiver(report, cell.cfg, entry)
+        if entry.get("status") == "xfailed":  # the waiver turned the written failure into an expected one
+            self.store.record_failure(cell.cfg.id, entry)
         self._recorded(cell.cfg.id, entry, "xfailed" if entry.get("status") == "xfailed" else report.outcome)
         self._attach(item, report, entry, record_on_item=True)
         return report

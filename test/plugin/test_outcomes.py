@@ -1,7 +1,7 @@
 """The outcome path without a real engine: the nightly suite boots a stand-in vLLM through the plugin.
 
 Why a stand-in and not a patched plugin: each config's own ``env`` puts ``fakes/fake_vllm`` first on the
-server's ``PYTHONPATH``, so ``python -m vllm.entrypoints.openai.api_server`` starts the stand-in; matrix,
+server's ``PYTHONPATH``, so ``python -m vllm.entrypoints.launchers.api_server.entry`` starts the stand-in; matrix,
 selection, launch, readiness, benchmark, classification, known failures, results files, JUnit XML and the
 report all run unchanged.  Everything is asserted through those files and the terminal output, the public
 surface, so the tests hold whatever the plugin's inside looks like.
@@ -44,16 +44,16 @@ models:
     path: org/known-oom
     tp: [1]
     args: [--fake-fail, oom]
-    known_failures: {{TP1_auto: {{error_type: OOM, reason: too big for one node}}}}
+    known_failures: {{TP1_auto: {{error_type: OOM, reason: too big for one node, issue: "https://github.com/org/repo/issues/1", expires: 2099-01-01}}}}
   KnownOther:
     path: org/known-other
     tp: [1]
     args: [--fake-fail, nccl]
-    known_failures: {{TP1_auto: {{error_type: OOM, reason: too big for one node}}}}
+    known_failures: {{TP1_auto: {{error_type: OOM, reason: too big for one node, issue: "https://github.com/org/repo/issues/1", expires: 2099-01-01}}}}
   KnownPass:
     path: org/known-pass
     tp: [1]
-    known_failures: {{TP1_auto: {{error_type: OOM, reason: too big for one node}}}}
+    known_failures: {{TP1_auto: {{error_type: OOM, reason: too big for one node, issue: "https://github.com/org/repo/issues/1", expires: 2099-01-01}}}}
   Slow:
     path: org/slow
     tp: [1]
@@ -64,7 +64,7 @@ models:
 
 def _nightly_argv(tmp: Path, *extra: str) -> list[str]:
     return [str(NIGHTLY), "--moe-matrix", str(tmp / "matrix.yaml"), "--moe-results-dir", str(tmp / "res"),
-            "--moe-cooldown", "0", "--moe-grace", "2", "-p", "no:cacheprovider", "-p", "no:randomly", *extra]
+            "--moe-cooldown", "0", "--moe-grace", "2", "-m", "benchmark", "-p", "no:cacheprovider", "-p", "no:randomly", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_success_entry_carries_the_benchmark_shape_and_the_command(outcome_run):
     assert (entry["model"], entry["config"], entry["engine"], entry["status"]) == ("Good", "TP1_auto", "vllm-cpu", "success")
     assert (entry["batch_size"], entry["input_len"], entry["output_len"]) == (2, 8, 5)  # the matrix's bench
     assert 0 < entry["ttft_s"] < entry["latency_s"]
-    assert "-m vllm.entrypoints.openai.api_server" in entry["server_command"] and "--tensor-parallel-size 1" in entry["server_command"]
+    assert "-m vllm.entrypoints.launchers.api_server.entry" in entry["server_command"] and "--tensor-parallel-size 1" in entry["server_command"]
     assert entry["repro_command"].endswith("--moe-config Good::TP1_auto")
     case, props = outcome_run["cases"]["Good::TP1_auto"]
     assert _verdict(case) == "passed"
@@ -161,7 +161,7 @@ def test_known_failure_of_the_declared_type_is_an_xfail(outcome_run):
     assert entry["error_type"] == "OOM"
     case, props = outcome_run["cases"]["KnownOom::TP1_auto"]
     assert _verdict(case) == "skipped"
-    assert "known failure (OOM): too big for one node" in case.find("skipped").get("message")
+    assert "known failure (OOM, https://github.com/org/repo/issues/1, until 2099-01-01): too big for one node" in case.find("skipped").get("message")
     assert props["error_type"] == "OOM"
 
 
@@ -170,13 +170,13 @@ def test_known_failure_of_another_type_fails_naming_both(outcome_run):
     assert (entry["error_type"], entry["status"]) == ("NCCL", "failed")
     case, _ = outcome_run["cases"]["KnownOther::TP1_auto"]
     assert _failed(case)
-    assert "expected OOM (too big for one node), got NCCL" in outcome_run["output"]
+    assert "expected OOM (too big for one node, https://github.com/org/repo/issues/1), got NCCL" in outcome_run["output"]
 
 
 def test_known_failure_that_passes_fails_strictly_and_says_remove_it(outcome_run):
     case, _ = outcome_run["cases"]["KnownPass::TP1_auto"]
     assert _verdict(case) == "failure"
-    assert "KnownPass::TP1_auto is listed in known_failures (OOM) but passed: remove it" in case.find("failure").get("message", "") + (case.find("failure").text or "")
+    assert "KnownPass::TP1_auto passed but is waived in known_failures (OOM, https://github.com/org/repo/issues/1): the waiver is no longer needed, delete" in case.find("failure").get("message", "") + (case.find("failure").text or "")
 
 
 def test_summary_section_counts_the_outcomes(outcome_run):
@@ -188,8 +188,6 @@ def test_summary_section_counts_the_outcomes(outcome_run):
     assert "| TP1_auto | 2 | 8 |" in out  # Good's row: batch size 2, input len 8
 
 
-@pytest.mark.xfail(strict=True, reason="the failure entry is written before known_failures turns it into an xfail, "
-                   "so failure_results.json says 'failed' where the JUnit properties say 'xfailed'")
 def test_a_known_failure_is_recorded_as_xfailed_in_the_results_file_too(outcome_run):
     _, props = outcome_run["cases"]["KnownOom::TP1_auto"]
     assert props["status"] == "xfailed"

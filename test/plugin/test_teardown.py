@@ -18,8 +18,9 @@ import psutil
 import pytest
 
 from pytest_moe import janitor
+from fakes.fake_engine_spec import FAKE_ENGINE
 from pytest_moe.engines.base import Engine, EngineSpec
-from pytest_moe.matrix import BenchSpec, ServerConfig
+from pytest_moe.configs import BenchSpec, ServerConfig
 from pytest_moe.server import Server
 
 FAKE = str(Path(__file__).parent / "fakes" / "fake_vllm" / "vllm" / "entrypoints" / "openai" / "api_server.py")
@@ -33,14 +34,7 @@ LONG_GRACE_S = 10.0
 
 
 def _engine(*args: str) -> Engine:
-    return Engine(EngineSpec.from_yaml("fake", {
-        "adapter": "fake", "distributions": [], "launch": [sys.executable, FAKE], "uses_gpus": False,
-        "flags": {"model": "--model", "served_model_name": "--served-model-name", "tp": "--tp", "ep": "--ep",
-                  "quantization": "--quantization", "moe_backend": "--moe-backend", "host": "--host", "port": "--port"},
-        "ep_style": "size", "readiness_path": "/health", "models_path": "/v1/models", "profile": {},
-        "moe_backends": ["auto"], "log_patterns": {"loading": "starting", "http_up": "startup complete"},
-        "args": list(args),
-    }))
+    return Engine(EngineSpec.from_yaml("fake", {**FAKE_ENGINE, "launch": [sys.executable, FAKE], "args": list(args)}))
 
 
 def _cfg() -> ServerConfig:

@@ -71,7 +71,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         for _ in range(per_prompt):
-            chunk = {"choices": [{"index": i, "text": " tok"} for i in range(len(prompts))]}
+            chunk = {"choices": [{"index": i, "text": " tok", "token_ids": [7]} for i in range(len(prompts))]}
             self._chunk(f"data: {json.dumps(chunk)}\n\n")
             time.sleep(0.02)  # a decode time that survives rounding: latency - ttft >= 0.08 s at 5 tokens
         usage = {"choices": [], "usage": {"completion_tokens": per_prompt * len(prompts)}}
