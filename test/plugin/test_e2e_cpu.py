@@ -181,8 +181,10 @@ def test_repro_command_selects_exactly_that_config(smoke_run):
     assert argv[0] == "pytest"
     proc = subprocess.run([sys.executable, "-m", *argv, "--collect-only", "-q"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    total = 3 * len(load_matrix(ROOT / SMOKE).configs)
-    assert f"test_moe[{CRASH_ID}-benchmark]" in proc.stdout and f"3/{total} tests collected ({total - 3} deselected)" in proc.stdout
+    per_config = 4  # benchmark, accuracy and agreement on the server, plus the kernel check (test_moe_kernels.py)
+    total = per_config * len(load_matrix(ROOT / SMOKE).configs)
+    assert f"test_moe[{CRASH_ID}-benchmark]" in proc.stdout and f"test_kernel[{CRASH_ID}]" in proc.stdout
+    assert f"{per_config}/{total} tests collected ({total - per_config} deselected)" in proc.stdout
 
 
 def test_no_server_process_outlives_the_run_and_ports_are_free(smoke_run):

@@ -174,7 +174,7 @@ def test_nightly_kernel_check_runs_vllm_cpu_moe_op_and_records_it(pytester, tmp_
     )
     results = tmp_path / "results"
     out = pytester.runpytest_subprocess(
-        str(ROOT / "test" / "nightly" / "test_kernels.py"), "-m", "kernel", "--moe-matrix", str(tmp_path / "m.yaml"),
+        str(ROOT / "test" / "nightly" / "test_moe_kernels.py"), "-m", "kernel", "--moe-matrix", str(tmp_path / "m.yaml"),
         "--moe-results-dir", str(results), "-p", "no:cacheprovider", timeout=600,
     )
     out.assert_outcomes(passed=1)
