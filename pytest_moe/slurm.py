@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from pytest_moe.configs import ServerConfig
+from pytest_moe.engines import forget_tables
+from pytest_moe.plugins import options
 from pytest_moe.results import DEFAULT_RESULTS_DIR, ResultsStore
 from pytest_moe.runner import safe_name
 
@@ -279,9 +281,9 @@ class _Collector:
         self.results_dir: str = DEFAULT_RESULTS_DIR
 
     def pytest_collection_finish(self, session) -> None:
-        opt = session.config.option
-        self.timeout_override_s = opt.moe_server_timeout
-        self.results_dir = opt.moe_results_dir
+        opts = options.run_options(session.config, "")
+        self.timeout_override_s = opts.timeout_override_s
+        self.results_dir = str(opts.results_dir)
         for item in session.items:
             callspec = getattr(item, "callspec", None)
             cfg = callspec.params.get("moe_config") if callspec else None
@@ -294,6 +296,7 @@ def collect(pytest_args: list[str]) -> _Collector:
     import pytest
 
     collector = _Collector()
+    forget_tables()  # this process read the engine tables for its own options; the run may add engines
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
         code = pytest.main([*pytest_args, "--collect-only", "-q", "-p", "no:cacheprovider"], plugins=[collector])

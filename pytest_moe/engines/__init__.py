@@ -24,7 +24,8 @@ _ADAPTERS: dict[str, type[Engine]] = {"sglang": SGLangEngine, "vllm": VLLMEngine
 #: Environment variable naming extra engine tables.
 ENGINES_ENV = "PYTEST_MOE_ENGINES"
 
-__all__ = ["CommandRejected", "Engine", "EngineSpec", "EngineTableError", "EpStyle", "engine_names", "get_engine"]
+__all__ = ["CommandRejected", "Engine", "EngineSpec", "EngineTableError", "EpStyle", "engine_names", "forget_tables",
+           "get_engine"]
 
 
 class EngineTableError(ValueError):
@@ -42,6 +43,13 @@ def get_engine(name: str) -> Engine:
     if name not in engines:
         raise EngineTableError(f"unknown engine {name!r} (known: {', '.join(sorted(engines))})")
     return engines[name]
+
+
+def forget_tables() -> None:
+    """Read the engine tables again on next use: a pytest run started in this process may add engines
+    (``PYTEST_MOE_ENGINES``, or a plugin given with ``-p``) after an earlier run read them."""
+    _specs.cache_clear()
+    _engines.cache_clear()
 
 
 @lru_cache(maxsize=1)

@@ -31,11 +31,9 @@ def fake_engine(monkeypatch):
     real = engines.load_yaml
     monkeypatch.setattr(engines, "load_yaml", lambda name: {**real(name), "fake": FAKE_ENGINE} if name == "engines.yaml" else real(name))
     monkeypatch.setitem(engines._ADAPTERS, "fake", engines.Engine)
-    engines._specs.cache_clear()
-    engines._engines.cache_clear()
+    engines.forget_tables()
     yield
-    engines._specs.cache_clear()
-    engines._engines.cache_clear()
+    engines.forget_tables()
 
 
 def _run(pytester, matrix: str, *extra: str):
