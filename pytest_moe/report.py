@@ -7,6 +7,8 @@ leaves here goes through ``pytest_moe.redact`` (the one redaction of the harness
 
 from __future__ import annotations
 
+import os
+
 import re
 import shlex
 from collections import defaultdict
@@ -177,3 +179,13 @@ def _flatten(value: Any, prefix: str) -> list[tuple[str, Any]]:
     if isinstance(value, list) and all(isinstance(v, dict) and "batch_size" in v for v in value) and value:
         return [pair for v in value for pair in _flatten(v, f"{prefix.removesuffix('.rows')}.bs{v['batch_size']}")]
     return [(prefix, value)]
+
+
+def publish(terminalreporter, title: str, text: str) -> None:
+    """One section of the end-of-run report: the terminal, and ``$GITHUB_STEP_SUMMARY`` when a CI job sets it."""
+    terminalreporter.section(title)
+    terminalreporter.write(text)
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if step_summary:
+        with open(step_summary, "a", encoding="utf-8") as fh:
+            fh.write(text)

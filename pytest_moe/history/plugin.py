@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from pytest_moe.report import publish
 from pytest_moe.history.regress import Change, changes_markdown, compare
 from pytest_moe.history.rows import entry_rows, provenance
 from pytest_moe.history.store import (
@@ -118,13 +119,8 @@ class HistoryPlugin:
             tonight = {r["config_id"] for r in store.rows(run_ids=[self.run.run_id])}
             changes = compare(store.rows(config_ids=tonight), {self.run.run_id}, self.settings)
             text = changes_markdown(changes)
-            terminalreporter.section("pytest-moe history")
-            terminalreporter.write(text)
+            publish(terminalreporter, "pytest-moe history", text)
             terminalreporter.write_line(f"history: run {self.run.run_id} in {store.display_url}")
-            step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
-            if step_summary:
-                with open(step_summary, "a", encoding="utf-8") as fh:
-                    fh.write(text)
         if self.error:
             terminalreporter.write_line(f"pytest-moe history: {self.error}", red=True)
 

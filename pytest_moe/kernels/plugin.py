@@ -9,7 +9,6 @@ only ``checks.kernel`` to a config's entry. Registered by ``plugin.pytest_config
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from functools import lru_cache
 from typing import Any, Callable
@@ -27,7 +26,7 @@ from pytest_moe.kernels.check import (
 )
 from pytest_moe.configs import ServerConfig
 from pytest_moe.matrix import load_matrix
-from pytest_moe.report import repro_command
+from pytest_moe.report import publish, repro_command
 
 MARKER = "kernel: the fused-MoE kernel check (seed 003): times the engine's MoE op, no server"
 _WARNING_PROPERTY = "moe_kernel_warning"
@@ -98,12 +97,7 @@ class KernelPlugin:
         if not (self.results or self.untuned) or hasattr(config, "workerinput"):
             return
         text = kernel_summary(self.results, self.untuned)
-        terminalreporter.section("pytest-moe kernels")
-        terminalreporter.write(text)
-        step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        if step_summary:
-            with open(step_summary, "a", encoding="utf-8") as fh:
-                fh.write(text)
+        publish(terminalreporter, "pytest-moe kernels", text)
 
 
 def kernel_summary(results: list[dict[str, Any]], untuned: list[str]) -> str:

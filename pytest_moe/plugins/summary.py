@@ -7,13 +7,12 @@ sees the workers' results only as the ``user_properties`` of their reports.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import pytest
 
 from pytest_moe.plugins.recording import ENTRY_PROPERTY, MoERecorder
-from pytest_moe.report import summary_markdown
+from pytest_moe.report import publish, summary_markdown
 
 
 class MoESummary:
@@ -35,10 +34,5 @@ class MoESummary:
         text = summary_markdown([e for e in entries if e.get("status") == "success"],
                                 [e for e in entries if e.get("status") != "success"])
         text += "".join(f"\n> warning: {w}\n" for w in store.warnings)
-        terminalreporter.section("pytest-moe results")
-        terminalreporter.write(text)
+        publish(terminalreporter, "pytest-moe results", text)
         terminalreporter.write_line(f"results: {store.success_path} and {store.failure_path}")
-        step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        if step_summary:
-            with open(step_summary, "a", encoding="utf-8") as fh:
-                fh.write(text)
