@@ -18,7 +18,11 @@ class VLLMEngine(Engine):
         """vLLM only profiles when started with a profiler config naming the trace directory."""
         if profile_dir is None:
             return []
-        return ["--profiler-config", profile_json(profiler="torch", torch_profiler_dir=str(profile_dir))]
+        # No Python stacks (vLLM 0.32 config/profiler.py defaults torch_profiler_with_stack=True): with them a
+        # vLLM CPU TP2 worker took minutes and 12-15 GB to export one short trace and was OOM-killed; the
+        # extend/decode traces keep every op and its time without them.
+        return ["--profiler-config", profile_json(profiler="torch", torch_profiler_dir=str(profile_dir),
+                                                  torch_profiler_with_stack=False)]
 
     def multinode_args(self, nnodes: int, rank: int, head: str, dist_port: int) -> list[str]:
         """vLLM's multiprocessing multi-node form: ranks past 0 run ``--headless`` (no API server).
