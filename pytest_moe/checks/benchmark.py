@@ -19,8 +19,8 @@ class BenchmarkCheck(Check):
         Why flush: a later case must not reuse the KV cache of an earlier one (SGLang's bench_one_batch_server
         flushes too); engines without the endpoint get fresh random prompts per case, which no cache can serve.
         """
-        # Traces first: on the vLLM CPU build, a TP2 worker asked to profile after the batch-4 case grew to
-        # 12 GB while exporting its trace and was OOM-killed (twice, smoke tiny-mixtral TP2); before it, 1.3 min.
+        # Traces first, from a server that has served one warm-up only: the profiler's export cost grows with
+        # what the worker did before (a vLLM CPU TP2 worker profiled after the sweep was OOM-killed exporting).
         profiles = {}
         if ctx.profile_dir is not None:
             profiles = profile_stages(ctx.engine, ctx.base_url, ctx.served_name, ctx.cfg.bench.at(ctx.cfg.bench.sweep[0]),
