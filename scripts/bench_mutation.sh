@@ -20,7 +20,9 @@ if [[ -z "${VIRTUAL_ENV:-}" ]]; then
     # shellcheck disable=SC1091
     . "${PYTEST_MOE_VENV:-.venv}/bin/activate"
 fi
-core=(results errors preflight server janitor runner plugin bench report gpus matrix)
+# plugin.py is glue since the plugin split: the outcome path lives in plugins/recording.py, collection and
+# markers in plugins/collection.py; redaction, retries and the no-GPU skip have their own modules.
+core=(results errors preflight server janitor runner plugin plugins.recording plugins.collection bench report redact retries selection gpus matrix)
 modules=("${@:-${core[@]}}")
 globs=()
 for module in "${modules[@]}"; do
@@ -53,7 +55,7 @@ wanted = sys.argv[1:]
 by_module: dict[str, Counter] = defaultdict(Counter)
 survivors: list[str] = []
 for line in open("mutants/results.txt"):
-    match = re.match(r"\s*(pytest_moe\.(\w+)\.\S+): (.+)$", line)
+    match = re.match(r"\s*(pytest_moe\.((?:plugins\.)?\w+)\.x\S+): (.+)$", line)
     if not match or match.group(2) not in wanted:
         continue
     name, module, status = match.groups()
