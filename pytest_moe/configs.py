@@ -34,6 +34,12 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+class FrozenModel(StrictModel):
+    """A ``StrictModel`` whose instances are hashable and read-only (cached lookups hand them out)."""
+
+    model_config = ConfigDict(frozen=True)
+
+
 class BenchSpec(StrictModel):
     """The benchmark shape: batch 1, 4096 in, 512 out in the seeds; ``batch_sizes`` sweeps (SGLang: 1, 8, 16, 64)."""
 

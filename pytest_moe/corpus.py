@@ -19,8 +19,9 @@ from enum import Enum
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from pytest_moe.configs import StrictModel
 from pytest_moe.errors import ERROR_TYPES
 
 #: Percent of the hash space that goes to the dev part (about 60/40).
@@ -36,9 +37,7 @@ class CorpusError(ValueError):
     """A corpus file is malformed: one sentence naming the file and the entry."""
 
 
-class _Entry(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class _Entry(StrictModel):
     url: str = Field(pattern=r"^https://github\.com/[\w.-]+/[\w.-]+/(issues|pull)/\d+$")
     label: str
     excerpt: str = Field(min_length=1)

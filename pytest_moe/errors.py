@@ -48,8 +48,9 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from pytest_moe.configs import StrictModel
 from pytest_moe.datafiles import load_yaml
 
 
@@ -189,11 +190,7 @@ class Rules:
 
 
 # --- the YAML schema ---------------------------------------------------------------------------
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class _CascadeSpec(_Strict):
+class _CascadeSpec(StrictModel):
     id: str = Field(min_length=1)
     regex: str | list[str]
     source: str = Field(min_length=1)

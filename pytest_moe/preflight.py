@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Callable, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from pydantic import Field, StrictBool, StrictStr, ValidationError
 
-from pytest_moe.configs import ServerConfig
+from pytest_moe.configs import FrozenModel, ServerConfig
 from pytest_moe.datafiles import load_yaml
 from pytest_moe.engines import Engine, get_engine
 from pytest_moe.engines.base import Checked
@@ -87,11 +87,7 @@ class Problem:
     version_note: str | None = None
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class CapabilityRange(_Strict):
+class CapabilityRange(FrozenModel):
     """Compute capabilities as ``major * 10 + minor`` (90 = Hopper); ``highest`` None = no upper bound."""
 
     lowest: int
@@ -102,7 +98,7 @@ class CapabilityRange(_Strict):
         return value >= self.lowest and (self.highest is None or value <= self.highest)
 
 
-class RuleParams(_Strict):
+class RuleParams(FrozenModel):
     kv_cache_floor_gib: float = Field(gt=0)
     trtllm_compute_major: int
     vllm_fp8_min_refined_block: int = Field(gt=0)
@@ -113,7 +109,7 @@ class RuleParams(_Strict):
     requantization_methods: dict[StrictStr, tuple[StrictStr, ...]]
 
 
-class RuleData(_Strict):
+class RuleData(FrozenModel):
     id: StrictStr
     check: StrictStr
     prevents: StrictStr
@@ -125,7 +121,7 @@ class RuleData(_Strict):
     message: StrictStr
 
 
-class RulesFile(_Strict):
+class RulesFile(FrozenModel):
     params: RuleParams
     rules: tuple[RuleData, ...]
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from pytest_moe.configs import StrictModel
 from pytest_moe.datafiles import load_yaml
 from pytest_moe.errors import ERROR_TYPES, Classification
 
@@ -27,10 +28,6 @@ T = TypeVar("T")
 
 class RetryPolicyError(ValueError):
     """``retry_policy.yaml`` is malformed: one sentence naming the file and the key."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _known(value: str) -> str:
@@ -43,7 +40,7 @@ def _known(value: str) -> str:
 MAX_RETRIES = 5
 
 
-class RetryRule(_Strict):
+class RetryRule(StrictModel):
     """Retry failures of one type (whose deciding line matches ``match``) up to ``retries`` times."""
 
     error_type: str
@@ -70,7 +67,7 @@ class RetryRule(_Strict):
         return failure.error_type == self.error_type and (self.match is None or re.search(self.match, failure.message) is not None)
 
 
-class RetryPolicy(_Strict):
+class RetryPolicy(StrictModel):
     rules: list[RetryRule]
     never: list[str] = []
 

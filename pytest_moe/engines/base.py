@@ -16,13 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic import Field, StrictBool, StrictStr, model_validator
 
-from pytest_moe.configs import ServerConfig
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+from pytest_moe.configs import FrozenModel, ServerConfig
 
 
 class EpStyle(str, Enum):
@@ -46,7 +42,7 @@ class EpStyle(str, Enum):
         return 1 if self is EpStyle.SWITCH else max(tp // ep, 1)
 
 
-class Checked(_Strict):
+class Checked(FrozenModel):
     """Where an engine fact comes from: the engine version and the file (inside its package) it was read in."""
 
     version: StrictStr
@@ -61,7 +57,7 @@ class Checked(_Strict):
         return version.split(".")[:2] == self.version.split(".")[:2]
 
 
-class Flags(_Strict):
+class Flags(FrozenModel):
     """The engine's spelling of each launch option; only the adapter renders them."""
 
     model: StrictStr | None
@@ -83,7 +79,7 @@ class Flags(_Strict):
     headless: StrictStr | None = None
 
 
-class GpuBand(_Strict):
+class GpuBand(FrozenModel):
     """SGLang's GPU-memory band: below ``below_mib``, these chunked-prefill and CUDA-graph sizes are its defaults."""
 
     below_mib: int | None = Field(gt=0)
@@ -92,7 +88,7 @@ class GpuBand(_Strict):
     graph_max_bs: int = Field(gt=0)
 
 
-class ReservedMemory(_Strict):
+class ReservedMemory(FrozenModel):
     """``mem_fraction_static = round((gpu - reserved) / gpu, 3)`` with ``reserved`` in MiB (decode CUDA graphs on)."""
 
     base_mib: float
@@ -113,7 +109,7 @@ class ReservedMemory(_Strict):
         return round((gpu_mib - reserved) / gpu_mib, 3)
 
 
-class MemoryDefault(_Strict):
+class MemoryDefault(FrozenModel):
     """The engine's default share of GPU memory for weights + KV cache: fixed, or SGLang's reserve formula."""
 
     fraction: float | None = Field(None, gt=0, le=1)
@@ -127,19 +123,19 @@ class MemoryDefault(_Strict):
         return self.fraction
 
 
-class Profile(_Strict):
+class Profile(FrozenModel):
     start: StrictStr
     stop: StrictStr
 
 
-class LogPatterns(_Strict):
+class LogPatterns(FrozenModel):
     """Regexes for the phase shown in progress lines."""
 
     loading: StrictStr
     http_up: StrictStr
 
 
-class EngineSpec(_Strict):
+class EngineSpec(FrozenModel):
     """One engine's block of ``engines.yaml``, validated: a missing or misspelt key names itself at load."""
 
     name: StrictStr

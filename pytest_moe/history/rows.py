@@ -19,8 +19,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, StrictStr
+from pydantic import BaseModel, StrictStr
 
+from pytest_moe.configs import StrictModel
 from pytest_moe.datafiles import load_yaml
 from pytest_moe.redact import redact
 
@@ -211,8 +212,7 @@ def _text(value: Any) -> str | None:
     return None if value is None or value in ("", "None") else str(value)
 
 
-class _KernelPattern(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class _KernelPattern(StrictModel):
     engines: list[StrictStr]
     pattern: StrictStr
     example: StrictStr
@@ -220,8 +220,7 @@ class _KernelPattern(BaseModel):
     engine_version: StrictStr
 
 
-class _KernelLogs(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class _KernelLogs(StrictModel):
     patterns: list[_KernelPattern]
     placeholders: list[StrictStr]
 

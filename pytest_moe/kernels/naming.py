@@ -20,25 +20,22 @@ from pathlib import Path
 from typing import Callable, Literal
 from unittest import mock
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 
+from pytest_moe.configs import StrictModel
 from pytest_moe.datafiles import load_yaml
 
 KERNEL_FILE = "kernel_configs.yaml"
 GPUS_FILE = "gpus.yaml"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class CheckedAgainst(_Strict):
+class CheckedAgainst(StrictModel):
     engine: str
     version: str
     source: str
 
 
-class EngineNaming(_Strict):
+class EngineNaming(StrictModel):
     """One engine's tuned-config facts (see the comments in ``kernel_configs.yaml``)."""
 
     applies_to: list[str]
@@ -56,21 +53,21 @@ class EngineNaming(_Strict):
     triton_backends: list[str]
 
 
-class DtypeRule(_Strict):
+class DtypeRule(StrictModel):
     method: str
     bits: int | None
     dtype: str
     block_shape: bool
 
 
-class KernelData(_Strict):
+class KernelData(StrictModel):
     engines: dict[str, EngineNaming]
     dtypes: list[DtypeRule]
     unquantized_dtypes: dict[str, str]
     default_batch_sizes: list[int]
 
 
-class GpuEntry(_Strict):
+class GpuEntry(StrictModel):
     """An entry of ``data/gpus.yaml``; only ``kernel_device_name`` is read here."""
 
     aliases: list[str] = []
@@ -79,7 +76,7 @@ class GpuEntry(_Strict):
     kernel_device_name: str
 
 
-class GpuCatalog(_Strict):
+class GpuCatalog(StrictModel):
     gpus: dict[str, GpuEntry]
 
 

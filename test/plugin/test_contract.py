@@ -276,3 +276,36 @@ def test_progress_lines_mask_what_we_passed_to_the_server(tmp_path):
         pass
     assert any("last log line: engine config: key=***" in line for line in lines), lines
     assert "svc-11aa22bb" not in (tmp_path / "s.log").read_text()
+
+
+def _schema_classes() -> list[type]:
+    """Every pydantic model the package defines (the schemas our YAML, JSON and CLI data go through)."""
+    import importlib
+    import pkgutil
+
+    from pydantic import BaseModel
+
+    import pytest_moe
+
+    found = []
+    for info in pkgutil.walk_packages(pytest_moe.__path__, "pytest_moe."):
+        if info.name.endswith(("__main__", "vllm_headless")):
+            continue
+        module = importlib.import_module(info.name)
+        found += [obj for obj in vars(module).values()
+                  if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == info.name]
+    return found
+
+
+def test_every_schema_is_strict_and_rejects_infinity():
+    """One strictness for every schema: a model declared on a bare BaseModel would coerce "8" to 8
+    and take .inf where a count is meant, and the contract (docs/contract.md) would hold only in places."""
+    from pytest_moe.configs import StrictModel
+
+    schemas = _schema_classes()
+    assert len(schemas) >= 30, [s.__name__ for s in schemas]
+    lax = [f"{s.__module__}.{s.__qualname__}" for s in schemas
+           if not issubclass(s, StrictModel)
+           or (s.model_config.get("extra"), s.model_config.get("strict"), s.model_config.get("allow_inf_nan"))
+           != ("forbid", True, False)]
+    assert lax == []
