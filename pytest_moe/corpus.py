@@ -2,7 +2,7 @@
 
 Why a corpus: the classifier's patterns were written from the engines' source, and a classifier
 scored on the messages it was written from says nothing about the logs of other releases, ranks and
-launchers. The corpus (``test/plugin/data/corpus/*.yaml``) holds excerpts copied from public SGLang,
+launchers. The corpus (``pytest_moe/data/corpus/*.yaml``) holds excerpts copied from public SGLang,
 vLLM, PyTorch, NCCL and FlashInfer issue threads, each with its link and the type a human gave it.
 
 Why a fixed split by URL hash: patterns may be tuned on the *dev* part only; the *test* part is
@@ -26,6 +26,8 @@ from pytest_moe.errors import ERROR_TYPES
 
 #: Percent of the hash space that goes to the dev part (about 60/40).
 DEV_PERCENT = 60
+#: Package data: the dev part trains the learned fallback (``pytest_moe.learned``) wherever the plugin runs.
+CORPUS_DIR = Path(__file__).parent / "data" / "corpus"
 
 
 class Part(str, Enum):

@@ -77,6 +77,8 @@ class ErrorType(StrEnum):
 ERROR_TYPES: tuple[str, ...] = tuple(t.value for t in ErrorType)
 FALLBACK_TYPE = ErrorType.SERVER_ERROR.value
 PATTERNS_FILE = "error_patterns.yaml"
+#: ``Classification.pattern_id`` of a type guessed by the corpus-trained fallback (``pytest_moe.learned``).
+LEARNED_ID = "learned"
 #: Who prints a message; a pattern names one so per-engine wording stays traceable.
 ENGINES = (
     "sglang", "vllm", "torch", "nccl", "cuda", "flashinfer", "triton", "cutlass", "deepgemm", "transformers", "python",
@@ -147,8 +149,9 @@ class ErrorPatternsError(ValueError):
 class Classification:
     """What went wrong, for the report: a type, the deciding line, the rule that decided it.
 
-    ``signature`` is set only for the fallback type: the deciding line with everything that
-    changes from run to run removed, so unknown failures can be grouped.
+    ``signature`` is set when no rule decided (the fallback type, or a type guessed by the learned
+    fallback, ``pattern_id == LEARNED_ID``): the deciding line with everything that changes from run to
+    run removed, so unknown failures can be grouped.
     """
 
     error_type: str
@@ -176,13 +179,35 @@ class Pattern:
         return text.rfind("\n", 0, min(starts)) + 1 if starts else None
 
 
+class LearnedSettings(StrictModel):
+    """How the learned fallback is fitted and when its guess is used (``pytest_moe.learned``)."""
+
+    min_probability: float = Field(gt=0, le=1)
+    regularisation_c: float = Field(gt=0, le=1e6)
+    skip_lines: list[str] = Field(default_factory=list, max_length=100)
+
+    @field_validator("skip_lines")
+    @classmethod
+    def _compiles(cls, value: list[str]) -> list[str]:
+        for regex in value:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {regex!r} ({exc})") from None
+        return value
+
+    def skips(self, line: str) -> bool:
+        return any(re.search(regex, line) for regex in self.skip_lines)
+
+
 @dataclass(frozen=True)
 class Rules:
-    """The parsed YAML: types in precedence order, their patterns, and the cascade lines."""
+    """The parsed YAML: types in precedence order, their patterns, the cascade lines, the learned fallback."""
 
     precedence: tuple[str, ...]
     patterns: tuple[Pattern, ...]
     cascade: tuple[Pattern, ...]
+    learned: LearnedSettings
 
     def of_type(self, error_type: str, *, weak: bool = False) -> tuple[Pattern, ...]:
         """The message (or, with ``weak``, the traceback-frame) patterns of one type, in file order."""
@@ -247,8 +272,12 @@ def parse_rules(data: Any, source: str = PATTERNS_FILE) -> Rules:
     def fail(where: str, problem: str) -> ErrorPatternsError:
         return ErrorPatternsError(f"{source}: {where}: {problem}.")
 
-    if not isinstance(data, dict) or set(data) - {"precedence", "patterns", "cascade"}:
-        raise fail("top level", "expected a mapping with only 'precedence', 'patterns' and 'cascade'")
+    if not isinstance(data, dict) or set(data) - {"precedence", "patterns", "cascade", "learned"}:
+        raise fail("top level", "expected a mapping with only 'precedence', 'patterns', 'cascade' and 'learned'")
+    try:
+        learned = LearnedSettings.model_validate(data.get("learned"))
+    except ValidationError as exc:
+        raise fail("learned", _describe(exc, "learned")) from None
     typed = tuple(t for t in ERROR_TYPES if t != FALLBACK_TYPE)
     precedence = data.get("precedence")
     if not isinstance(precedence, list) or sorted(map(str, precedence)) != sorted(typed):
@@ -292,7 +321,7 @@ def parse_rules(data: Any, source: str = PATTERNS_FILE) -> Rules:
         if not isinstance(entries, list):
             raise fail(section, "expected a list")
         parsed[section] = tuple(parse(e, section, i) for i, e in enumerate(entries))
-    return Rules(tuple(precedence), parsed["patterns"], parsed["cascade"])
+    return Rules(tuple(precedence), parsed["patterns"], parsed["cascade"], learned)
 
 
 def _describe(exc: ValidationError, section: str) -> str:
@@ -302,7 +331,7 @@ def _describe(exc: ValidationError, section: str) -> str:
     if err["type"] == "extra_forbidden":
         if section == "cascade" and field == "error_type":
             return "cascade lines have no error_type"
-        allowed = _CascadeSpec.model_fields if section == "cascade" else _PatternSpec.model_fields
+        allowed = {"cascade": _CascadeSpec, "learned": LearnedSettings}.get(section, _PatternSpec).model_fields
         return f"unknown key {field!r} (allowed: {', '.join(allowed)})"
     if err["type"] == "missing":
         return f"missing {field!r}"
@@ -354,7 +383,14 @@ def classify(text: str) -> Classification:
             if hits:
                 pos, _, pattern = min(hits, key=lambda hit: hit[:2])
                 return Classification(error_type, _message(_line_at(clean, pos)), pattern.id)
-    message = _fallback_message(clean, rules.cascade)
+    message, at = _fallback_message(clean, rules.cascade)
+    if at is not None and not rules.learned.skips(message):
+        # No rule knows it but the log has a real error line: the corpus-trained model may (lazy import:
+        # learned.py reads the corpus, whose loader needs this module's types).
+        from pytest_moe.learned import guess, window
+
+        if (guessed := guess(window(clean, at))) is not None and guessed.error_type != FALLBACK_TYPE:
+            return Classification(guessed.error_type, message, LEARNED_ID, signature(message))
     return Classification(FALLBACK_TYPE, message, None, signature(message))
 
 
@@ -403,28 +439,30 @@ def _message(line: str) -> str:
     return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 1] + "…"
 
 
-def _fallback_message(text: str, cascade: tuple[Pattern, ...]) -> str:
-    """The line most likely to explain an unrecognised failure.
+def _fallback_message(text: str, cascade: tuple[Pattern, ...]) -> tuple[str, int | None]:
+    """The line most likely to explain an unrecognised failure, and where it ends when it is an error line.
 
     The last exception line (``FooError: ...``) wins, else the last line saying error/failed/fatal,
     else the last non-empty line. Cascade lines are skipped while anything else is left, because
-    "EngineDeadError ... see above" explains nothing.
+    "EngineDeadError ... see above" explains nothing. The offset is given for an exception line only: a
+    warning that says "failed" ("CUDA graph capture failed ...; falling back to eager") is in healthy logs
+    too, so a log without an exception gives the learned fallback nothing to read.
     """
 
     def useful(line: str) -> bool:
         return not any(rx.search(line) for p in cascade for rx in p.regexes)
 
-    for needles, confirm in ((_EXCEPTION_NEEDLES, _EXCEPTION_LINE), (_ERRORISH_NEEDLES, _ERRORISH_LINE)):
-        for line in _lines_with(text, needles):
+    for needles, confirm, learnable in ((_EXCEPTION_NEEDLES, _EXCEPTION_LINE, True), (_ERRORISH_NEEDLES, _ERRORISH_LINE, False)):
+        for start, line in _lines_with(text, needles):
             if confirm.search(line) and useful(line):
-                return _message(line)
+                return _message(line), start + len(line) if learnable else None
     lines = [line for line in text.splitlines()[-200:] if line.strip()]  # the tail is enough here
     chosen = next((line for line in reversed(lines) if useful(line)), lines[-1] if lines else None)
-    return _message(chosen) if chosen else "(empty log)"
+    return (_message(chosen) if chosen else "(empty log)"), None
 
 
-def _lines_with(text: str, needles: tuple[str, ...]) -> Iterator[str]:
-    """Lines of ``text`` containing any of ``needles``, last line first.
+def _lines_with(text: str, needles: tuple[str, ...]) -> Iterator[tuple[int, str]]:
+    """Lines of ``text`` containing any of ``needles`` with their offsets, last line first.
 
     Each needle's previous occurrence is found with ``str.rfind`` and remembered, so the whole walk
     scans the text once per needle however many candidate lines it rejects.
@@ -432,5 +470,5 @@ def _lines_with(text: str, needles: tuple[str, ...]) -> Iterator[str]:
     found = {n: text.rfind(n) for n in needles}
     while (hit := max(found.values())) >= 0:
         start = text.rfind("\n", 0, hit) + 1
-        yield _line_at(text, hit)
+        yield start, _line_at(text, hit)
         found = {n: (text.rfind(n, 0, start) if pos >= start else pos) for n, pos in found.items()}

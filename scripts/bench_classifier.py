@@ -11,10 +11,9 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from pytest_moe.corpus import Excerpt, Part, load_corpus
-from pytest_moe.errors import ERROR_TYPES, classify
+from pytest_moe.corpus import CORPUS_DIR as CORPUS, Excerpt, Part, load_corpus
+from pytest_moe.errors import ERROR_TYPES, LEARNED_ID, classify
 
-CORPUS = Path(__file__).resolve().parents[1] / "test" / "plugin" / "data" / "corpus"
 ABBREV = {t: "".join(c for c in t if c.isupper())[:4] or t[:4] for t in ERROR_TYPES}
 
 
@@ -22,6 +21,11 @@ def score(name: str, excerpts: list[Excerpt], show_misses: bool) -> None:
     results = [(e, classify(e.excerpt)) for e in excerpts]
     right = sum(e.label == got.error_type for e, got in results)
     print(f"== {name} part: {len(excerpts)} excerpts, {right} right, accuracy {right / len(excerpts):.1%}")
+    learned = [(e, got) for e, got in results if got.pattern_id == LEARNED_ID]
+    rules = [(e, got) for e, got in results if got.pattern_id not in (None, LEARNED_ID)]
+    print(f"   decided by a rule: {len(rules)} ({sum(e.label == g.error_type for e, g in rules)} right); "
+          f"by the learned fallback: {len(learned)} ({sum(e.label == g.error_type for e, g in learned)} right); "
+          f"left ServerError: {len(results) - len(rules) - len(learned)}")
     print(f"{'type':22s} {'n':>3s} {'right':>5s} {'acc':>7s}")
     for t in ERROR_TYPES:
         mine = [(e, got) for e, got in results if e.label == t]

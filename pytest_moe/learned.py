@@ -1,0 +1,87 @@
+"""When no rule names a failure: a guess learned from the corpus's dev part, used only when it is confident.
+
+Why a learned fallback next to the rules: a rule is written from messages someone has seen, and real
+logs come from many releases, forks and launchers that word the same cause differently. Measured on
+excerpts no rule or model had seen (the 93 dev excerpts added in one batch, scored with the rules and
+the dev part as they were before that batch): the rules named 61 of 93; a TF-IDF + logistic-regression
+model trained on the earlier dev excerpts and the rules' example lines named 83; rules first, then the
+model in place of the ``ServerError`` fallback, 87. The words a refusal, a signal death or a hang use
+("supported", "requires", "sm90", "died", "signal", "timed out") carry over between wordings; a regex
+carries over only between copies of one sentence.
+
+What it may decide: only a failure no rule (message or weak) matched and whose log has a real error
+line (an exception or an "error/failed/fatal" line that is not a cascade line such as EngineDeadError);
+the model reads that line and the lines before it, as the corpus excerpts are cut. Below
+``min_probability`` (``error_patterns.yaml``: ``learned``) the failure stays ``ServerError`` with its
+signature. A guess keeps the signature too, so guessed failures still group across nights.
+
+The test part of the corpus never trains it (``corpus.part_of``): it stays the score.
+scikit-learn is imported and the model fitted on first use (about a second), in the process that
+classifies a failure; passing runs never pay for it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from pytest_moe.corpus import CORPUS_DIR, Part, load_corpus
+from pytest_moe.errors import Rules, load_rules, normalize
+
+#: Lines before the deciding error line that the model reads (the corpus excerpts are 1-40 lines).
+WINDOW_LINES = 40
+#: Paths say where a file is installed, not what failed.
+_PATH = re.compile(r"(?:[/\\][\w.@+-]+){2,}")
+#: Words of two letters or more; numbers, hex ids and punctuation carry nothing across runs.
+_TOKEN_PATTERN = r"[A-Za-z_][A-Za-z_]+"
+
+
+@dataclass(frozen=True)
+class Guess:
+    error_type: str
+    probability: float
+
+
+def window(clean: str, end: int) -> str:
+    """The normalized log's deciding line (ending at offset ``end``) and the ``WINDOW_LINES`` lines before it."""
+    start = end
+    for _ in range(WINDOW_LINES + 1):
+        start = clean.rfind("\n", 0, start)
+        if start < 0:
+            break
+    return clean[start + 1 : end]
+
+
+def _features(text: str) -> str:
+    return _PATH.sub(" ", text)
+
+
+@lru_cache(maxsize=1)
+def _model() -> Any:
+    """The fitted pipeline (TF-IDF over words, multinomial logistic regression)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    rules: Rules = load_rules()
+    dev = [e for e in load_corpus(CORPUS_DIR) if e.part is Part.DEV]
+    texts = [_features(normalize(e.excerpt)) for e in dev] + [_features(normalize(p.example)) for p in rules.patterns]
+    labels = [e.label for e in dev] + [p.error_type for p in rules.patterns]
+    model = make_pipeline(
+        TfidfVectorizer(token_pattern=_TOKEN_PATTERN, sublinear_tf=True),
+        LogisticRegression(C=rules.learned.regularisation_c, max_iter=5000),
+    )
+    return model.fit(texts, labels)
+
+
+def guess(excerpt: str) -> Guess | None:
+    """The model's type for ``excerpt`` (normalized text), or None below ``min_probability``."""
+    model = _model()
+    probabilities = model.predict_proba([_features(excerpt)])[0]
+    best = int(probabilities.argmax())
+    if probabilities[best] < load_rules().learned.min_probability:
+        return None
+    return Guess(str(model.classes_[best]), float(probabilities[best]))
+
