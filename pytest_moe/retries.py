@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pytest_moe.configs import StrictModel
 from pytest_moe.datafiles import load_yaml
-from pytest_moe.errors import ERROR_TYPES, Classification
+from pytest_moe.errors import ERROR_TYPES, FALLBACK_TYPE, LEARNED_ID, Classification
 
 POLICY_FILE = "retry_policy.yaml"
 T = TypeVar("T")
@@ -84,7 +84,14 @@ class RetryPolicy(StrictModel):
         return self
 
     def retries_for(self, failure: Classification, override: int | None = None) -> int:
-        """How many times a launch failing like ``failure`` may be retried (``override``: ``--moe-retries``)."""
+        """How many times a launch failing like ``failure`` may be retried (``override``: ``--moe-retries``).
+
+        A type guessed by the learned fallback is a lead, not a verdict: such a failure is retried as the
+        ``ServerError`` the rules left it (a hub download that failed on the network stays retryable even
+        when the model reads it as something deterministic).
+        """
+        if failure.pattern_id == LEARNED_ID:
+            failure = replace(failure, error_type=FALLBACK_TYPE)
         if failure.error_type in self.never:
             return 0
         rule = next((r for r in self.rules if r.applies_to(failure)), None)

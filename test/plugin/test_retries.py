@@ -16,7 +16,7 @@ import pytest
 
 from pytest_moe import learned, server as server_mod
 from pytest_moe.engines.base import Engine
-from pytest_moe.errors import Classification
+from pytest_moe.errors import LEARNED_ID, Classification
 from pytest_moe.configs import BenchSpec, ServerConfig
 from pytest_moe.report import junit_properties, summary_markdown
 from pytest_moe.results import ResultsStore
@@ -175,6 +175,14 @@ def test_oom_is_never_retried(tmp_path, monkeypatch, retries) -> None:
     entry = cell.record(ResultsStore(tmp_path), cell.classify_failure(info.value, str(info.value).splitlines()[0]))
     assert entry["error_type"] == "OOM" and entry["error_message"].startswith("torch.OutOfMemoryError: CUDA out of memory.")
     assert "attempts" not in entry and "flaky" not in entry and "signature" not in entry
+
+
+def test_a_learned_guess_is_retried_as_the_server_error_the_rules_left_it() -> None:
+    policy = load_policy()
+    download = "requests.exceptions.ConnectionError: HTTPSConnectionPool(host='huggingface.co', port=443): Max retries exceeded"
+    assert policy.retries_for(Classification("OOM", download, "torch-cuda-oom")) == 0  # a rule's verdict: never
+    assert policy.retries_for(Classification("OOM", download, LEARNED_ID)) == 1        # a guess: the network rule applies
+    assert policy.retries_for(Classification("PortInUse", "RuntimeError: no idea", LEARNED_ID)) == 0
 
 
 def test_an_unknown_failure_in_two_configs_gets_one_signature(tmp_path, monkeypatch) -> None:
