@@ -135,10 +135,16 @@ class ResultsStore:
         return entry
 
     def load(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Both files; one that cannot be read mid-run (replaced by a directory, permissions changed) reads as
+        empty with a warning, as a failed write does: the run goes on (``check`` refuses such files up front)."""
         if not self.dir.is_dir():
             return {}, {}
-        with self._lock:
-            return self._read(self.success_path), self._read(self.failure_path)
+        try:
+            with self._lock:
+                return self._read(self.success_path), self._read(self.failure_path)
+        except OSError as exc:
+            self.warnings.append(f"could not read the results in {self.dir}: {exc.strerror or exc}")
+            return {}, {}
 
     @contextmanager
     def _locked(self, doing: str) -> Iterator[None]:

@@ -259,3 +259,24 @@ models:
     result.assert_outcomes(passed=1, skipped=1)
     assert [line.split("RAN ")[1] for line in result.outlines if "RAN " in line] == ["Cpu::TP1_auto"]
     result.stdout.fnmatch_lines(["*Gpu::TP1_auto needs 1 GPUs, found 0 (CUDA_VISIBLE_DEVICES='')*"])
+
+
+BREAK_WRITES = """\
+import os
+
+
+def pytest_runtest_call(item):
+    if hasattr(item.config, "workerinput"):  # in the xdist worker only: the results file becomes unwritable
+        os.makedirs(os.path.join(os.environ["MOE_RES"], "success_results.json"), exist_ok=True)
+"""
+
+
+def test_a_results_write_failing_in_an_xdist_worker_is_a_warning_in_the_controllers_summary(tmp_path):
+    (tmp_path / "matrix.yaml").write_text(MATRIX.split("  Oom:")[0])  # the defaults and Good alone
+    (tmp_path / "breakwrites.py").write_text(BREAK_WRITES)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "MOE_RES": str(tmp_path / "res")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", *_nightly_argv(tmp_path, "-n", "1", "-p", "breakwrites")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert "> warning: could not" in output and "success_results.json" in output, output[-3000:]

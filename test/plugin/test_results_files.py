@@ -67,3 +67,12 @@ def test_a_file_that_holds_no_object_is_kept_aside_and_then_replaced(tmp_path):
     store.record_success("A::TP1_auto", {"latency_s": 1.0})
     assert list(json.loads((tmp_path / "success_results.json").read_text())) == ["A::TP1_auto"]
 
+
+
+def test_a_results_file_that_cannot_be_read_mid_run_reads_as_empty_with_a_warning(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.record_failure("m::TP1_auto", {"status": "failed"})
+    (tmp_path / "success_results.json").unlink()
+    (tmp_path / "success_results.json").mkdir()  # replaced behind our back after the run's start-up check
+    assert store.load() == ({}, {})
+    assert store.warnings == [f"could not read the results in {tmp_path}: Is a directory"]
