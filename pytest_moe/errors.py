@@ -183,6 +183,9 @@ class LearnedSettings(StrictModel):
     """How the learned fallback is fitted and when its guess is used (``pytest_moe.learned``)."""
 
     min_probability: float = Field(gt=0, le=1)
+    #: For a deciding line that is not an exception (a last line, a line saying "failed"): such lines are
+    #: in healthy logs too, so the model must be surer.
+    min_probability_without_exception: float = Field(gt=0, le=1)
     regularisation_c: float = Field(gt=0, le=1e6)
     skip_lines: list[str] = Field(default_factory=list, max_length=100)
 
@@ -383,13 +386,15 @@ def classify(text: str) -> Classification:
             if hits:
                 pos, _, pattern = min(hits, key=lambda hit: hit[:2])
                 return Classification(error_type, _message(_line_at(clean, pos)), pattern.id)
-    message, at = _fallback_message(clean, rules.cascade)
-    if at is not None and not rules.learned.skips(message):
-        # No rule knows it but the log has a real error line: the corpus-trained model may (lazy import:
-        # learned.py reads the corpus, whose loader needs this module's types).
+    deciding = _deciding_line(clean, rules.cascade)
+    message = deciding.message
+    if deciding.end is not None and not rules.learned.skips(message):
+        # No rule knows it: the corpus-trained model may (lazy import: learned.py reads the corpus, whose
+        # loader needs this module's types).
         from pytest_moe.learned import guess, window
 
-        if (guessed := guess(window(clean, at))) is not None and guessed.error_type != FALLBACK_TYPE:
+        guessed = guess(window(clean, deciding.end), exception=deciding.exception)
+        if guessed is not None and guessed.error_type != FALLBACK_TYPE:
             return Classification(guessed.error_type, message, LEARNED_ID, signature(message))
     return Classification(FALLBACK_TYPE, message, None, signature(message))
 
@@ -439,26 +444,43 @@ def _message(line: str) -> str:
     return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 1] + "…"
 
 
-def _fallback_message(text: str, cascade: tuple[Pattern, ...]) -> tuple[str, int | None]:
-    """The line most likely to explain an unrecognised failure, and where it ends when it is an error line.
+@dataclass(frozen=True)
+class _Deciding:
+    """The line that explains an unrecognised failure, where it ends, and whether it is an exception line."""
+
+    message: str
+    #: Offset just past the line in the normalized text; None when only cascade lines (or nothing) were left.
+    end: int | None
+    exception: bool
+
+
+def _deciding_line(text: str, cascade: tuple[Pattern, ...]) -> _Deciding:
+    """The line most likely to explain an unrecognised failure.
 
     The last exception line (``FooError: ...``) wins, else the last line saying error/failed/fatal,
     else the last non-empty line. Cascade lines are skipped while anything else is left, because
-    "EngineDeadError ... see above" explains nothing. The offset is given for an exception line only: a
-    warning that says "failed" ("CUDA graph capture failed ...; falling back to eager") is in healthy logs
-    too, so a log without an exception gives the learned fallback nothing to read.
+    "EngineDeadError ... see above" explains nothing; a log of cascade lines alone has no ``end``, so
+    the learned fallback gets nothing to read.
     """
 
     def useful(line: str) -> bool:
         return not any(rx.search(line) for p in cascade for rx in p.regexes)
 
-    for needles, confirm, learnable in ((_EXCEPTION_NEEDLES, _EXCEPTION_LINE, True), (_ERRORISH_NEEDLES, _ERRORISH_LINE, False)):
+    for needles, confirm in ((_EXCEPTION_NEEDLES, _EXCEPTION_LINE), (_ERRORISH_NEEDLES, _ERRORISH_LINE)):
         for start, line in _lines_with(text, needles):
             if confirm.search(line) and useful(line):
-                return _message(line), start + len(line) if learnable else None
-    lines = [line for line in text.splitlines()[-200:] if line.strip()]  # the tail is enough here
-    chosen = next((line for line in reversed(lines) if useful(line)), lines[-1] if lines else None)
-    return (_message(chosen) if chosen else "(empty log)"), None
+                return _Deciding(_message(line), start + len(line), confirm is _EXCEPTION_LINE)
+    tail = text[max(0, len(text) - 64 * 1024):]  # the last lines are enough here
+    offset = len(text) - len(tail)
+    lines, pos = [], offset
+    for line in tail.split("\n"):
+        if line.strip():
+            lines.append((pos + len(line), line))
+        pos += len(line) + 1
+    chosen = next(((end, line) for end, line in reversed(lines) if useful(line)), None)
+    if chosen is not None:
+        return _Deciding(_message(chosen[1]), chosen[0], False)
+    return _Deciding(_message(lines[-1][1]) if lines else "(empty log)", None, False)
 
 
 def _lines_with(text: str, needles: tuple[str, ...]) -> Iterator[tuple[int, str]]:

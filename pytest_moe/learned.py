@@ -76,12 +76,15 @@ def _model() -> Any:
     return model.fit(texts, labels)
 
 
-def guess(excerpt: str) -> Guess | None:
-    """The model's type for ``excerpt`` (normalized text), or None below ``min_probability``."""
+def guess(excerpt: str, *, exception: bool) -> Guess | None:
+    """The model's type for ``excerpt`` (normalized text, ending at the deciding line), or None when it is
+    less sure than ``min_probability`` (``min_probability_without_exception`` when that line is not an
+    exception line)."""
     model = _model()
     probabilities = model.predict_proba([_features(excerpt)])[0]
     best = int(probabilities.argmax())
-    if probabilities[best] < load_rules().learned.min_probability:
+    settings = load_rules().learned
+    if probabilities[best] < (settings.min_probability if exception else settings.min_probability_without_exception):
         return None
     return Guess(str(model.classes_[best]), float(probabilities[best]))
 

@@ -187,7 +187,7 @@ def test_a_learned_guess_is_retried_as_the_server_error_the_rules_left_it() -> N
 
 def test_an_unknown_failure_in_two_configs_gets_one_signature(tmp_path, monkeypatch) -> None:
     # about failures no rule names: the corpus-trained guess (which keeps the signature too) is left out
-    monkeypatch.setattr(learned, "guess", lambda excerpt: None)
+    monkeypatch.setattr(learned, "guess", lambda excerpt, exception: None)
     store = ResultsStore(tmp_path)
     entries = []
     for name in ("TP1_auto", "TP2_auto"):
