@@ -9,11 +9,15 @@ model in place of the ``ServerError`` fallback, 87. The words a refusal, a signa
 ("supported", "requires", "sm90", "died", "signal", "timed out") carry over between wordings; a regex
 carries over only between copies of one sentence.
 
-What it may decide: only a failure no rule (message or weak) matched and whose log has a real error
-line (an exception or an "error/failed/fatal" line that is not a cascade line such as EngineDeadError);
-the model reads that line and the lines before it, as the corpus excerpts are cut. Below
-``min_probability`` (``error_patterns.yaml``: ``learned``) the failure stays ``ServerError`` with its
-signature. A guess keeps the signature too, so guessed failures still group across nights.
+What it may decide: only a failure no rule (message or weak) matched. It reads the deciding line (the
+last exception line, else the last line saying error/failed/fatal, else the last line; never a cascade
+line such as EngineDeadError) and the ``WINDOW_LINES`` lines before it, as the corpus excerpts are cut.
+Its type is used at ``min_probability`` (0.3, ``error_patterns.yaml``: ``learned``) when that line is an
+exception, and only at ``min_probability_without_exception`` (0.7) otherwise: warnings that say "failed"
+and last lines are in healthy logs too. Lines listed in ``skip_lines`` (our harness's "exited with code
+N ... before it was ready", an interrupt, an engine's own port retry) are never read. Below the
+threshold the failure stays ``ServerError`` with its signature; a guess keeps the signature too, so
+guessed failures still group across nights.
 
 The test part of the corpus never trains it (``corpus.part_of``): it stays the score.
 scikit-learn is imported and the model fitted on first use (about a second), in the process that
