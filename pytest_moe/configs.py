@@ -28,6 +28,18 @@ def _printable(value: str) -> str:
 Text = Annotated[str, AfterValidator(_printable)]
 
 
+def _compiles(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid regex ({exc})") from None
+    return value
+
+
+#: A Python regular expression, checked when the data file is read rather than when it is first used.
+Regex = Annotated[str, AfterValidator(_compiles)]
+
+
 class StrictModel(BaseModel):
     """Every schema block of our YAML: unknown keys rejected, no coercion ("8" is not 8), no inf/nan."""
 

@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from pytest_moe.configs import StrictModel
+from pytest_moe.configs import Regex, StrictModel
 from pytest_moe.datafiles import load_yaml
 
 
@@ -187,17 +187,7 @@ class LearnedSettings(StrictModel):
     #: in healthy logs too, so the model must be surer.
     min_probability_without_exception: float = Field(gt=0, le=1)
     regularisation_c: float = Field(gt=0, le=1e6)
-    skip_lines: list[str] = Field(default_factory=list, max_length=100)
-
-    @field_validator("skip_lines")
-    @classmethod
-    def _compiles(cls, value: list[str]) -> list[str]:
-        for regex in value:
-            try:
-                re.compile(regex)
-            except re.error as exc:
-                raise ValueError(f"invalid regex {regex!r} ({exc})") from None
-        return value
+    skip_lines: list[Regex] = Field(default_factory=list, max_length=100)
 
     def skips(self, line: str) -> bool:
         return any(re.search(regex, line) for regex in self.skip_lines)
@@ -277,8 +267,10 @@ def parse_rules(data: Any, source: str = PATTERNS_FILE) -> Rules:
 
     if not isinstance(data, dict) or set(data) - {"precedence", "patterns", "cascade", "learned"}:
         raise fail("top level", "expected a mapping with only 'precedence', 'patterns', 'cascade' and 'learned'")
+    if not isinstance(data.get("learned"), dict):
+        raise fail("learned", f"expected a mapping with {', '.join(LearnedSettings.model_fields)}")
     try:
-        learned = LearnedSettings.model_validate(data.get("learned"))
+        learned = LearnedSettings.model_validate(data["learned"])
     except ValidationError as exc:
         raise fail("learned", _describe(exc, "learned")) from None
     typed = tuple(t for t in ERROR_TYPES if t != FALLBACK_TYPE)

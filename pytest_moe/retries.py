@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pytest_moe.configs import StrictModel
+from pytest_moe.configs import Regex, StrictModel
 from pytest_moe.datafiles import load_yaml
 from pytest_moe.errors import ERROR_TYPES, FALLBACK_TYPE, LEARNED_ID, Classification
 
@@ -44,7 +44,7 @@ class RetryRule(StrictModel):
     """Retry failures of one type (whose deciding line matches ``match``) up to ``retries`` times."""
 
     error_type: str
-    match: str | None = None
+    match: Regex | None = None
     retries: int = Field(ge=0, le=MAX_RETRIES)
     why: str = Field(min_length=1)
 
@@ -52,16 +52,6 @@ class RetryRule(StrictModel):
     @classmethod
     def _type_known(cls, value: str) -> str:
         return _known(value)
-
-    @field_validator("match")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"invalid regex ({exc})") from None
-        return value
 
     def applies_to(self, failure: Classification) -> bool:
         return failure.error_type == self.error_type and (self.match is None or re.search(self.match, failure.message) is not None)

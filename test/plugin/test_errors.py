@@ -308,6 +308,12 @@ def _data() -> dict:
         # slow regexes are rejected too: see errors._check_fast
         (lambda d: d["patterns"][0].update(regex=r"\bNCCL WARN"), r"pattern 'sglang-moe-tp-block-size': regex .* must start with a literal"),
         (lambda d: d["patterns"][0].update(regex="NCCL WARN|NCCL error"), r"must not alternate at top level"),
+        # the learned fallback's settings
+        (lambda d: d["learned"]["skip_lines"].append("(unclosed"), r"x.yaml: learned: skip_lines.\d+: Value error, invalid regex"),
+        (lambda d: d["learned"].update(min_probability=1.5), r"x.yaml: learned: min_probability: Input should be less than or equal to 1"),
+        (lambda d: d["learned"].pop("regularisation_c"), r"x.yaml: learned: missing 'regularisation_c'"),
+        (lambda d: d["learned"].update(threshold=0.5), r"x.yaml: learned: unknown key 'threshold' \(allowed: min_probability, "),
+        (lambda d: d.pop("learned"), r"x.yaml: learned: expected a mapping with min_probability, min_probability_without_exception, "),
     ],
 )
 def test_bad_yaml_names_file_and_pattern(mutate, match: str) -> None:
