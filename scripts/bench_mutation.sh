@@ -10,6 +10,7 @@
 #   bash scripts/bench_mutation.sh                 # all core modules
 #   bash scripts/bench_mutation.sh janitor results # some of them
 #   MUTATION_JOBS=1 bash scripts/bench_mutation.sh janitor   # fewer parallel test processes
+#   MUTATION_FRESH=1 bash scripts/bench_mutation.sh          # forget earlier verdicts and bookkeeping
 #
 # Known limit: a function reached only inside a child process (a pytester subprocess, the janitor
 # started by a server) is not seen by mutmut's per-test bookkeeping, so its mutants show as
@@ -29,7 +30,11 @@ for module in "${modules[@]}"; do
     [[ " ${core[*]} " == *" $module "* ]] || { echo "error: $module is not a core module (${core[*]})" >&2; exit 2; }
     globs+=("pytest_moe.${module}.*")
 done
-rm -rf mutants && mkdir mutants   # it must exist when Python starts, being on PYTHONPATH
+# mutmut keeps its per-test bookkeeping ("stats", a run of the whole fast suite: about 13 minutes here) and
+# every verdict in mutants/, and redoes only what changed: keep it between runs of one module after another.
+# MUTATION_FRESH=1 starts over.  It must exist when Python starts, being on PYTHONPATH.
+[[ -z "${MUTATION_FRESH:-}" ]] || rm -rf mutants
+mkdir -p mutants
 # Child processes (pytester subprocesses, the janitor) import the mutated copy, not this checkout, and run
 # the mutant under test (mutmut passes it in MUTANT_UNDER_TEST).  While mutmut records which test reaches
 # which function ("stats"), a child cannot report its hits and would fail looking for mutmut's config in
