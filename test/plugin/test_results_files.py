@@ -76,3 +76,38 @@ def test_a_results_file_that_cannot_be_read_mid_run_reads_as_empty_with_a_warnin
     (tmp_path / "success_results.json").mkdir()  # replaced behind our back after the run's start-up check
     assert store.load() == ({}, {})
     assert store.warnings == [f"could not read the results in {tmp_path}: Is a directory"]
+
+
+def test_a_check_joins_the_entry_where_it_is_or_starts_one_in_the_file_of_its_status(tmp_path):
+    """The kernel check runs without a server: its block goes into whichever file already holds the config,
+    else into the file its own status names, stamped, with the other file created empty."""
+    store = ResultsStore(tmp_path)
+    before = datetime.now().replace(microsecond=0)
+    store.record_check("new-bad::TP1", "kernel", {"status": "failed"}, {"status": "failed"})
+    assert json.loads((tmp_path / "success_results.json").read_text()) == {}  # created, empty
+    store.record_success("ok::TP1", {"status": "success"})
+    store.record_failure("bad::TP1", {"status": "failed"})
+    store.record_check("ok::TP1", "kernel", {"status": "failed"}, {"status": "failed"})     # stays a success
+    store.record_check("bad::TP1", "kernel", {"status": "passed"}, {"status": "success"})   # stays a failure
+    store.record_check("new-ok::TP1", "kernel", {"status": "passed"}, {"status": "success"})
+    successes = json.loads((tmp_path / "success_results.json").read_text())
+    failures = json.loads((tmp_path / "failure_results.json").read_text())
+    assert (sorted(successes), sorted(failures)) == (["new-ok::TP1", "ok::TP1"], ["bad::TP1", "new-bad::TP1"])
+    assert successes["ok::TP1"]["checks"] == {"kernel": {"status": "failed"}}
+    assert failures["bad::TP1"]["checks"] == {"kernel": {"status": "passed"}}
+    for entry in [*successes.values(), *failures.values()]:
+        assert datetime.fromisoformat(entry["last_updated"]) >= before
+
+
+def test_a_write_that_fails_mid_run_names_what_it_was_recording(tmp_path):
+    store = ResultsStore(tmp_path / "s")
+    (tmp_path / "s" / "success_results.json").mkdir(parents=True)  # unreadable and unwritable from here on
+    store.record_success("a::TP1", {"status": "success"})
+    entry = store.record_check("c::TP1", "kernel", {"status": "passed"}, {"status": "success"})
+    assert entry == {"status": "success", "checks": {"kernel": {"status": "passed"}}}  # what the caller reports
+    other = ResultsStore(tmp_path / "f")
+    (tmp_path / "f" / "failure_results.json").mkdir(parents=True)
+    other.record_failure("b::TP1", {"status": "failed"})
+    assert store.warnings + other.warnings == [f"could not {doing}: Is a directory" for doing in (
+        f"record the success of a::TP1 in {tmp_path / 's'}", f"record the kernel check of c::TP1 in {tmp_path / 's'}",
+        f"record the failure of b::TP1 in {tmp_path / 'f'}")]
