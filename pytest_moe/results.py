@@ -86,7 +86,7 @@ class ResultsStore:
             if path.exists() and not os.access(path, os.R_OK):
                 raise ResultsError(f"results file {path} is not readable (mode {path.stat().st_mode & 0o777:o})")
         try:
-            self.load()
+            self._load()
         except OSError as exc:
             raise ResultsError(f"cannot read the results in {self.dir}: {exc.strerror or exc}") from None
 
@@ -140,11 +140,14 @@ class ResultsStore:
         if not self.dir.is_dir():
             return {}, {}
         try:
-            with self._lock:
-                return self._read(self.success_path), self._read(self.failure_path)
+            return self._load()
         except OSError as exc:
             self.warnings.append(f"could not read the results in {self.dir}: {exc.strerror or exc}")
             return {}, {}
+
+    def _load(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        with self._lock:
+            return self._read(self.success_path), self._read(self.failure_path)
 
     @contextmanager
     def _locked(self, doing: str) -> Iterator[None]:
