@@ -8,6 +8,7 @@ inputs (the file, line, key or option that a sentence must name), not from the c
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -154,10 +155,13 @@ def test_two_corruptions_in_one_second_keep_both_copies(tmp_path):
 def test_files_keep_their_mode_and_stale_temp_files_go(tmp_path):
     store = ResultsStore(tmp_path)
     store.success_path.write_text(json.dumps(EARLIER))
-    store.success_path.chmod(0o644)
+    store.success_path.chmod(0o640)  # not what a new file would get under any usual umask
     (tmp_path / ".success_results.json.12345-deadbeef.tmp").write_text("{half")  # a writer SIGKILLed mid-write
     store.record_success("B::TP1_auto", {"model": "B"})
-    assert stat.S_IMODE(store.success_path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(store.success_path.stat().st_mode) == 0o640
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(store.failure_path.stat().st_mode) == 0o666 & ~umask  # new: rw for whom the umask allows, never x
     assert not list(tmp_path.glob(".*.tmp"))
     assert set(json.loads(store.success_path.read_text())) == {"Earlier::TP1_auto", "B::TP1_auto"}
 
