@@ -133,6 +133,7 @@ EARLIER = {"Earlier::TP1_auto": {"model": "Earlier", "config": "TP1_auto", "late
     (b"[1, 2]", "holds a JSON list"),
     (b"{not json", "not valid JSON"),
     (b'{"A::TP1": "caf\xe9"}', "not UTF-8"),
+    (b'{"A": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "is nested too deeply to be results"),
 ])
 def test_unreadable_results_file_is_kept_and_reported(tmp_path, content, problem):
     store = ResultsStore(tmp_path)
