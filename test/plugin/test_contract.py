@@ -314,3 +314,29 @@ def test_every_schema_is_strict_and_rejects_infinity():
            or (s.model_config.get("extra"), s.model_config.get("strict"), s.model_config.get("allow_inf_nan"))
            != ("forbid", True, False)]
     assert lax == []
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    # "--flag value" and "--flag=value"; a value holding "=" is kept whole (base64 keys end in "=")
+    (["serve", "--api-key", "sk-live-1"], {}, {"sk-live-1"}),
+    (["serve", "--api-key=sk-live-2=="], {}, {"sk-live-2=="}),
+    (["--hf-token=hf_abc=def"], {}, {"hf_abc=def"}),
+    # the flag as the last argument has no value: nothing to mask (and no IndexError)
+    (["serve", "--model", "m", "--api-key"], {}, set()),
+    # a single dash or a name that is no secret: not a secret flag
+    (["-api-key", "visible-1", "--model", "org/secret-model"], {}, set()),
+    # the value after the flag, not the one before it
+    (["before-value", "--api-key", "after-value"], {}, {"after-value"}),
+    # environment secrets by name; values shorter than MIN_VALUE_LEN (4) would mask common words
+    (["--api-key", "abc"], {"HF_TOKEN": "hf_1234", "MY_PASSWORD": "pwd", "PATH": "/usr/bin"}, {"hf_1234"}),
+    (["--api-key", "abcd"], {}, {"abcd"}),
+])
+def test_secret_values_of_a_servers_arguments_and_environment(argv, env, expected):
+    assert secret_values_of(argv, env) == expected
+
+
+def test_dictionary_keys_are_redacted_too():
+    from pytest_moe.redact import redact_value
+
+    register_secrets({"sk-key-as-name"})
+    assert redact_value({"sk-key-as-name": {"v": ["sk-key-as-name", 3]}, 7: "x"}) == {"***": {"v": ["***", 3]}, 7: "x"}
