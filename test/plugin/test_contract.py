@@ -340,3 +340,27 @@ def test_dictionary_keys_are_redacted_too():
 
     register_secrets({"sk-key-as-name"})
     assert redact_value({"sk-key-as-name": {"v": ["sk-key-as-name", 3]}, 7: "x"}) == {"***": {"v": ["***", 3]}, 7: "x"}
+
+
+def test_a_kept_server_log_is_rewritten_redacted_byte_for_byte_otherwise(tmp_path):
+    """What the nightly job uploads: the secret gone, and nothing else changed (bytes that are not UTF-8, CRLF
+    line ends, the mode), with no temporary file left beside it."""
+    from pytest_moe.redact import redact_file
+
+    register_secrets({"sk-log-secret-9"})
+    log = tmp_path / "logs" / "m_TP1_auto.log"
+    log.parent.mkdir()
+    raw = b"start --api-key sk-log-secret-9\r\nweights \xff\xfe loaded\r\nsk-log-secret-9 again\nend"
+    log.write_bytes(raw)
+    log.chmod(0o640)
+    redact_file(log)
+    assert log.read_bytes() == raw.replace(b"sk-log-secret-9", b"***")
+    assert stat.S_IMODE(log.stat().st_mode) == 0o640
+    assert [p.name for p in log.parent.iterdir()] == ["m_TP1_auto.log"]
+    redact_file(tmp_path / "no-such.log")  # a log that was never written: nothing to do, no error
+    assert not (tmp_path / "no-such.log").exists()
+
+
+def test_registered_values_of_four_characters_are_masked_and_shorter_ones_are_not():
+    register_secrets({"Zq9!", "Zq8"})
+    assert redact("key Zq9! and Zq8 end") == "key *** and Zq8 end"
