@@ -23,6 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fakes.standin import interruptible
+
 ROOT = Path(__file__).resolve().parents[2]
 EARLIER = {"Earlier::TP1_auto": {"model": "Earlier", "config": "TP1_auto", "latency_s": 1.0}}
 
@@ -86,7 +88,8 @@ def _run(tmp_path: Path, model: str, *, inject=None, extra=(), timeout_s: float 
     # Serving faults only: the kernel check (no server) is tested in test_kernels.py.
     argv = [sys.executable, "-m", "pytest", "test/nightly", "-m", "not kernel", "--moe-matrix", str(tmp_path / "matrix.yaml"),
             "--moe-results-dir", str(results), "--moe-cooldown", "0", "--moe-grace", "5", "-p", "no:cacheprovider", *extra]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=interruptible)
     log = results / "logs" / f"{model}_TP1_auto.log"
     context = {"pytest": proc, "log": log, "marker": f"pytest-moe/{model}_TP1_auto/"}
     injector = threading.Thread(target=inject, args=(context,), daemon=True) if inject else None

@@ -23,6 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fakes.standin import interruptible
+
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_VLLM = Path(__file__).parent / "fakes" / "fake_vllm"
 NIGHTLY = ROOT / "test" / "nightly"
@@ -218,7 +220,8 @@ def test_an_interrupt_while_a_server_loads_is_recorded_and_the_tree_torn_down(tm
     (tmp_path / "matrix.yaml").write_text(HANG_MATRIX)
     log = tmp_path / "res" / "logs" / "Hang_TP1_auto.log"
     proc = subprocess.Popen([sys.executable, "-m", "pytest", *_nightly_argv(tmp_path)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=interruptible)
     pids: list[int] = []
     try:
         deadline = time.monotonic() + 120

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from fakes.standin import interruptible
 from local_slurm import local_slurm  # noqa: F401 (fixture)
 
 from pytest_moe.matrix import load_matrix
@@ -86,7 +87,7 @@ def _env(cluster) -> dict[str, str]:
 def _submit(cluster, cwd: Path, *args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pytest_moe", "submit", "--slurm-partition", cluster.partition,
                              "--slurm-poll", "1", *args], cwd=cwd, env=_env(cluster), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=interruptible, **kw)
 
 
 def _leftovers(marker: str) -> list[psutil.Process]:

@@ -6,6 +6,8 @@ each file when the schema grows a field.
 
 from __future__ import annotations
 
+import signal
+
 from pytest_moe.configs import BenchSpec, ServerConfig
 from pytest_moe.engines.base import Engine, EngineSpec
 
@@ -25,3 +27,13 @@ def fake_config(name: str = "TP1_auto", tp: int = 1, timeout_s: float = 30, env:
         quantization=None, moe_backend="auto", args=(), env=env, timeout_s=timeout_s, host="127.0.0.1",
         bench=bench or BenchSpec(), known_failure=None, matrix_path="m.yaml",
     )
+
+
+def interruptible() -> None:
+    """``preexec_fn`` of a child Python that a test interrupts with SIGINT.
+
+    A shell starts background jobs (``cmd &``, CI steps run that way, nohup) with SIGINT ignored, the child
+    inherits that, and Python then installs no KeyboardInterrupt handler: the test's Ctrl-C would do nothing and
+    the child would run on.  Restored to the default, Python turns SIGINT into KeyboardInterrupt as in a terminal.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
