@@ -195,6 +195,9 @@ def test_no_server_process_outlives_the_run_and_ports_are_free(smoke_run):
         argv = shlex.split(entry["server_command"])
         port = int(argv[argv.index("--port") + 1])
         with socket.socket() as sock:
+            # as a server binds (uvicorn sets SO_REUSEADDR): a live listener still refuses the port, while the
+            # TIME_WAIT left by a connection the server closed at shutdown (60 s, timing-dependent) does not
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", port))
 
 
