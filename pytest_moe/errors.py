@@ -129,8 +129,10 @@ _EXCEPTION_LINE = re.compile(r"\w(?:Error|Exception|Interrupt)\b")
 _ERRORISH_NEEDLES = ("error", "Error", "ERROR", "failed", "Failed", "FAILED", "fatal", "Fatal", "FATAL")
 _ERRORISH_LINE = re.compile(r"(?i)\b(?:error|failed|fatal)\b")
 # What differs between two runs of the same failure: paths, hex ids, addresses, numbers.
+#: A file path: where a file is installed, never what failed (the learned fallback drops them too).
+PATH = re.compile(r"(?:[A-Za-z]:)?(?:~|\.{1,2})?(?:[/\\][\w.@+-]+){2,}[/\\]?")
 _SIGNATURE_PARTS = (
-    (re.compile(r"(?:[A-Za-z]:)?(?:~|\.{1,2})?(?:[/\\][\w.@+-]+){2,}[/\\]?"), "<path>"),
+    (PATH, "<path>"),
     (re.compile(r"\b0x[0-9a-fA-F]+\b"), "<hex>"),
     (re.compile(r"\b(?=[0-9a-fA-F-]*\d)[0-9a-fA-F]{6,}(?:-[0-9a-fA-F]{4,})*\b"), "<hex>"),
     (re.compile(r"\d+(?:\.\d+)*"), "<n>"),

@@ -26,18 +26,15 @@ classifies a failure; passing runs never pay for it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from pytest_moe.corpus import CORPUS_DIR, Part, load_corpus
-from pytest_moe.errors import Rules, load_rules, normalize
+from pytest_moe.errors import PATH, load_rules, normalize
 
 #: Lines before the deciding error line that the model reads (the corpus excerpts are 1-40 lines).
 WINDOW_LINES = 40
-#: Paths say where a file is installed, not what failed.
-_PATH = re.compile(r"(?:[/\\][\w.@+-]+){2,}")
 #: Words of two letters or more; numbers, hex ids and punctuation carry nothing across runs.
 _TOKEN_PATTERN = r"[A-Za-z_][A-Za-z_]+"
 
@@ -59,7 +56,7 @@ def window(clean: str, end: int) -> str:
 
 
 def _features(text: str) -> str:
-    return _PATH.sub(" ", text)
+    return PATH.sub(" ", text)
 
 
 @lru_cache(maxsize=1)
@@ -69,7 +66,7 @@ def _model() -> Any:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    rules: Rules = load_rules()
+    rules = load_rules()
     dev = [e for e in load_corpus(CORPUS_DIR) if e.part is Part.DEV]
     texts = [_features(normalize(e.excerpt)) for e in dev] + [_features(normalize(p.example)) for p in rules.patterns]
     labels = [e.label for e in dev] + [p.error_type for p in rules.patterns]
@@ -91,4 +88,3 @@ def guess(excerpt: str, *, exception: bool) -> Guess | None:
     if probabilities[best] < (settings.min_probability if exception else settings.min_probability_without_exception):
         return None
     return Guess(str(model.classes_[best]), float(probabilities[best]))
-

@@ -35,9 +35,7 @@ class MoESummary:
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         """xdist: a worker finished; keep what its results writes warned about."""
-        for warning in getattr(node, "workeroutput", {}).get(WARNINGS_KEY, []):
-            if warning not in self.worker_warnings:
-                self.worker_warnings.append(warning)
+        self.worker_warnings += getattr(node, "workeroutput", {}).get(WARNINGS_KEY, [])
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(report.user_properties)
@@ -46,7 +44,7 @@ class MoESummary:
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config: pytest.Config) -> None:
         store = self.recorder.store
-        warnings = store.warnings + [w for w in self.worker_warnings if w not in store.warnings]
+        warnings = list(dict.fromkeys(store.warnings + self.worker_warnings))  # each once, in order
         if hasattr(config, "workerinput") or not (self.entries or warnings):
             return
         entries = [self.entries[key] for key in sorted(self.entries)]
