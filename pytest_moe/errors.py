@@ -81,7 +81,7 @@ PATTERNS_FILE = "error_patterns.yaml"
 LEARNED_ID = "learned"
 #: Who prints a message; a pattern names one so per-engine wording stays traceable.
 ENGINES = (
-    "sglang", "vllm", "torch", "nccl", "cuda", "flashinfer", "triton", "cutlass", "deepgemm", "transformers", "python",
+    "sglang", "vllm", "torch", "nccl", "cuda", "flashinfer", "triton", "cutlass", "deepgemm", "transformers", "python", "tgi",
     "harness",
 )
 
@@ -380,7 +380,7 @@ def classify(text: str) -> Classification:
             if hits:
                 pos, _, pattern = min(hits, key=lambda hit: hit[:2])
                 return Classification(error_type, _message(_line_at(clean, pos)), pattern.id)
-    deciding = _deciding_line(clean, rules.cascade)
+    deciding = deciding_line(clean, rules.cascade)
     message = deciding.message
     if deciding.end is not None and not rules.learned.skips(message):
         # No rule knows it: the corpus-trained model may (lazy import: learned.py reads the corpus, whose
@@ -439,7 +439,7 @@ def _message(line: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Deciding:
+class Deciding:
     """The line that explains an unrecognised failure, where it ends, and whether it is an exception line."""
 
     message: str
@@ -448,7 +448,7 @@ class _Deciding:
     exception: bool
 
 
-def _deciding_line(text: str, cascade: tuple[Pattern, ...]) -> _Deciding:
+def deciding_line(text: str, cascade: tuple[Pattern, ...]) -> Deciding:
     """The line most likely to explain an unrecognised failure.
 
     The last exception line (``FooError: ...``) wins, else the last line saying error/failed/fatal,
@@ -463,7 +463,7 @@ def _deciding_line(text: str, cascade: tuple[Pattern, ...]) -> _Deciding:
     for needles, confirm in ((_EXCEPTION_NEEDLES, _EXCEPTION_LINE), (_ERRORISH_NEEDLES, _ERRORISH_LINE)):
         for start, line in _lines_with(text, needles):
             if confirm.search(line) and useful(line):
-                return _Deciding(_message(line), start + len(line), confirm is _EXCEPTION_LINE)
+                return Deciding(_message(line), start + len(line), confirm is _EXCEPTION_LINE)
     tail = text[max(0, len(text) - 64 * 1024):]  # the last lines are enough here
     offset = len(text) - len(tail)
     lines, pos = [], offset
@@ -473,8 +473,8 @@ def _deciding_line(text: str, cascade: tuple[Pattern, ...]) -> _Deciding:
         pos += len(line) + 1
     chosen = next(((end, line) for end, line in reversed(lines) if useful(line)), None)
     if chosen is not None:
-        return _Deciding(_message(chosen[1]), chosen[0], False)
-    return _Deciding(_message(lines[-1][1]) if lines else "(empty log)", None, False)
+        return Deciding(_message(chosen[1]), chosen[0], False)
+    return Deciding(_message(lines[-1][1]) if lines else "(empty log)", None, False)
 
 
 def _lines_with(text: str, needles: tuple[str, ...]) -> Iterator[tuple[int, str]]:

@@ -22,8 +22,9 @@ if [[ -z "${VIRTUAL_ENV:-}" ]]; then
     . "${PYTEST_MOE_VENV:-.venv}/bin/activate"
 fi
 # plugin.py is glue since the plugin split: the outcome path lives in plugins/recording.py, collection and
-# markers in plugins/collection.py; redaction, retries and the no-GPU skip have their own modules.
-core=(results errors preflight server janitor runner plugin plugins.recording plugins.collection bench report redact retries selection gpus matrix)
+# markers in plugins/collection.py; redaction, retries, the no-GPU skip and the waivers' strict outcome have their
+# own modules.
+core=(results errors preflight server janitor runner plugin plugins.recording plugins.collection bench report redact retries selection waivers gpus matrix)
 modules=("${@:-${core[@]}}")
 globs=()
 for module in "${modules[@]}"; do

@@ -451,6 +451,14 @@ KNOWN_DEV_MISSES = {
         "TensorRT-LLM's own assertion text ('should be supported by fmha'), an engine this suite does not run; "
         "the uncaught C++ exception reads as a Crash"
     ),
+    # "Unknown quantization method: X. Must be one of [...]" is a typo (InvalidArgument, the rule's type) or a
+    # method this release lacks (UnsupportedBackend, what these two threads' readers gave it): the text cannot
+    # tell them apart, and most of the corpus's copies are the former.
+    "https://github.com/unslothai/unsloth/issues/482": "a method the release lacks, in the typo's words",
+    "https://github.com/sgl-project/sglang/pull/35751": "a method the release lacks, in the typo's words",
+    # "X is not supported with --flag" is a backend refusing a combination (the weak wording rule); the thread's
+    # reader saw an option combination to drop
+    "https://github.com/vllm-project/vllm/issues/17355": "refusal wording for an option clash",
 }
 
 
@@ -556,32 +564,37 @@ class _StubModel:
 
 @pytest.mark.parametrize(("probabilities", "exception", "expected"), [
     ([0.1, 0.65, 0.25], True, "OOM"),     # 0.65 >= min_probability (0.3)
-    ([0.1, 0.65, 0.25], False, None),     # 0.65 < min_probability_without_exception (0.7)
-    ([0.05, 0.75, 0.2], False, "OOM"),
+    ([0.1, 0.65, 0.25], False, None),     # 0.65 < min_probability_without_exception (0.9)
+    ([0.05, 0.85, 0.1], False, None),
+    ([0.02, 0.93, 0.05], False, "OOM"),
     ([0.2, 0.25, 0.55], True, "ServerError"),
     ([0.29, 0.28, 0.43], True, "ServerError"),
     ([0.36, 0.34, 0.30], True, "Crash"),
     ([0.34, 0.33, 0.33], False, None),
 ])
 def test_guess_thresholds(monkeypatch, probabilities, exception, expected) -> None:
-    assert (RULES.learned.min_probability, RULES.learned.min_probability_without_exception) == (0.3, 0.7)
+    assert (RULES.learned.min_probability, RULES.learned.min_probability_without_exception) == (0.3, 0.9)
     monkeypatch.setattr(learned, "_model", lambda: _StubModel(probabilities))
     got = learned.guess("x", exception=exception)
     assert (got.error_type if got else None) == expected
 
 
 def test_learned_fallback_is_fitted_on_the_dev_part_only(tmp_path, monkeypatch) -> None:
-    dev_url = next(f"https://github.com/a/b/issues/{n}" for n in range(1, 999) if part_of(f"https://github.com/a/b/issues/{n}") is Part.DEV)
-    test_url = next(f"https://github.com/a/b/issues/{n}" for n in range(1, 999) if part_of(f"https://github.com/a/b/issues/{n}") is Part.TEST)
-    (tmp_path / "x.yaml").write_text(yaml.safe_dump([
-        {"url": dev_url, "label": "OOM", "excerpt": "RuntimeError: zorbulated memory gone"},
-        {"url": test_url, "label": "Crash", "excerpt": "RuntimeError: quuxified process vanished"},
-    ]))
+    urls = [f"https://github.com/a/b/issues/{n}" for n in range(1, 999)]
+    dev_urls = [url for url in urls if part_of(url) is Part.DEV][:2]
+    test_urls = [url for url in urls if part_of(url) is Part.TEST][:2]
+    # each word twice: the character n-grams keep only those seen in two excerpts
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(
+        [{"url": url, "label": "OOM", "excerpt": "RuntimeError: zorbulated memory gone"} for url in dev_urls]
+        + [{"url": url, "label": "Crash", "excerpt": "RuntimeError: quuxified process vanished"} for url in test_urls]
+    ))
     monkeypatch.setattr(learned, "CORPUS_DIR", tmp_path)
     learned._model.cache_clear()
     try:
-        vocabulary = learned._model()[0].vocabulary_
+        words, characters = (vectorizer for _, vectorizer in learned._model()[0].transformer_list)
+        vocabulary = words.vocabulary_
     finally:
         learned._model.cache_clear()
     assert "zorbulated" in vocabulary and "quuxified" not in vocabulary
     assert "out" in vocabulary  # the rules' example lines train it too ("CUDA out of memory")
+    assert "zorb" in characters.vocabulary_ and "quux" not in characters.vocabulary_

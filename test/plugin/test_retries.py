@@ -84,7 +84,9 @@ def taken_port(monkeypatch):
 def test_packaged_policy_has_the_issue_defaults() -> None:
     policy = load_policy()
     assert policy.retries_for(Classification("PortInUse", "OSError: [Errno 98] Address already in use", None)) == 1
-    assert policy.retries_for(Classification("NCCL", "Watchdog caught collective operation timeout: WorkNCCL(SeqNum=1)", None)) == 1
+    assert policy.retries_for(Classification("Timeout", "Watchdog caught collective operation timeout: WorkNCCL(SeqNum=1)", None)) == 1
+    assert policy.retries_for(Classification("Timeout", "TimeoutError: Timed out waiting for engine core", None)) == 0
+    assert policy.retries_for(Classification("NCCL", "ncclCommInitRank failed: Socket Timeout", None)) == 1
     assert policy.retries_for(Classification("NCCL", "RuntimeError: NCCL error: unhandled cuda error", None)) == 0
     download = "requests.exceptions.ConnectionError: HTTPSConnectionPool(host='x', port=443): Max retries exceeded"
     assert policy.retries_for(Classification("ServerError", download, None)) == 1
