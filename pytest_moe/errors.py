@@ -184,10 +184,10 @@ class Pattern:
 class LearnedSettings(StrictModel):
     """How the learned fallback is fitted and when its guess is used (``pytest_moe.learned``)."""
 
-    min_probability: float = Field(gt=0, le=1)
+    min_probability: float = Field(ge=0, le=1)
     #: For a deciding line that is not an exception (a last line, a line saying "failed"): such lines are
     #: in healthy logs too, so the model must be surer.
-    min_probability_without_exception: float = Field(gt=0, le=1)
+    min_probability_without_exception: float = Field(ge=0, le=1)
     regularisation_c: float = Field(gt=0, le=1e6)
     skip_lines: list[Regex] = Field(default_factory=list, max_length=100)
 

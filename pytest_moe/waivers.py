@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -64,46 +65,59 @@ def matrix_line(matrix_path: str | Path, cfg: ServerConfig) -> str:
     return f"{path}:{line}"
 
 
-def check_outcome(cfg: ServerConfig, error_type: str | None, *, passed: bool, today: date | None = None) -> tuple[str, str]:
-    """What a waiver makes of one outcome: ``(verdict, text)``.
+class Verdict(Enum):
+    """What a waiver makes of an outcome it covers."""
 
-    ``verdict`` is ``"xfail"`` (failed as waived), ``"fail"`` (the waiver does not cover this
-    outcome: text says why) or ``"none"`` (no waiver for this config).
-    """
+    XFAIL = "xfail"  # failed as waived
+    FAIL = "fail"  # the waiver does not cover this outcome (passed, expired, another type)
+
+
+@dataclass(frozen=True)
+class Ruling:
+    verdict: Verdict
+    #: The reason shown in the report (the xfail reason, or why the outcome now fails).
+    text: str
+
+
+def check_outcome(cfg: ServerConfig, error_type: str | None, *, passed: bool, today: date | None = None) -> Ruling | None:
+    """What the waiver of ``cfg`` makes of one outcome; None when ``cfg`` has no waiver."""
     known = cfg.known_failure
     if known is None:
-        return "none", ""
+        return None
     today = today or date.today()
     if passed:
-        return "fail", (
+        return Ruling(Verdict.FAIL, (
             f"[XPASS(strict)] {cfg.id} passed but is waived in known_failures ({known.error_type}, {known.issue}): "
             f"the waiver is no longer needed, delete {matrix_line(cfg.matrix_path, cfg)}"
-        )
+        ))
     if known.expires < today:
-        return "fail", (
+        return Ruling(Verdict.FAIL, (
             f"waiver for {cfg.id} expired on {known.expires} ({known.issue}); it failed with {error_type} "
             f"and now counts as a failure: fix it, or renew the waiver in {matrix_line(cfg.matrix_path, cfg)}"
-        )
+        ))
     if error_type == known.error_type:
-        return "xfail", f"known failure ({known.error_type}, {known.issue}, until {known.expires}): {known.reason}"
-    return "fail", f"expected {known.error_type} ({known.reason}, {known.issue}), got {error_type}"
+        return Ruling(Verdict.XFAIL,
+                      f"known failure ({known.error_type}, {known.issue}, until {known.expires}): {known.reason}")
+    return Ruling(Verdict.FAIL, f"expected {known.error_type} ({known.reason}, {known.issue}), got {error_type}")
 
 
 def apply_waiver(report: Any, cfg: ServerConfig, entry: dict[str, Any], today: date | None = None) -> None:
     """Turn a matrix test's report into what the waiver says: xfail, strict failure, or unchanged."""
-    if cfg.known_failure is None or report.when != "call" and report.passed:
+    if report.when != "call" and report.passed:
         return
-    verdict, text = check_outcome(cfg, entry.get("error_type"), passed=report.passed, today=today)
-    if verdict == "xfail":
+    ruling = check_outcome(cfg, entry.get("error_type"), passed=report.passed, today=today)
+    if ruling is None:
+        return
+    if ruling.verdict is Verdict.XFAIL:
         report.outcome = "skipped"
-        report.wasxfail = text
+        report.wasxfail = ruling.text
         entry["status"] = "xfailed"
     elif report.passed:
         report.outcome = "failed"
-        report.longrepr = text
+        report.longrepr = ruling.text
     else:
-        report.sections.append(("pytest-moe", text))
-        entry["waiver"] = text
+        report.sections.append(("pytest-moe", ruling.text))
+        entry["waiver"] = ruling.text
 
 
 def list_waivers(matrix: Matrix, results_dir: str | Path) -> list[Waiver]:

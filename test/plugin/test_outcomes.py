@@ -9,6 +9,7 @@ surface, so the tests hold whatever the plugin's inside looks like.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import io
 import json
@@ -16,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -245,6 +247,39 @@ def test_an_interrupt_while_a_server_loads_is_recorded_and_the_tree_torn_down(tm
     assert entry["error_type"] == "ServerError" and "interrupted" in entry["error_message"]
     survivors = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert survivors == []
+
+
+def test_an_interrupt_in_this_process_records_the_config_it_cut_short(tmp_path):
+    """The same interrupt delivered in this process (``_thread.interrupt_main``), so the plugin's interrupt hook
+    runs where coverage and mutation testing's bookkeeping see it (the subprocess test above cannot show them)."""
+    (tmp_path / "matrix.yaml").write_text(HANG_MATRIX)
+    log = tmp_path / "res" / "logs" / "Hang_TP1_auto.log"
+    loading = threading.Event()
+
+    def interrupt_once_loading() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if log.exists() and "fake vllm loading forever" in log.read_text():
+                loading.set()
+                _thread.interrupt_main()
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=interrupt_once_loading, daemon=True)
+    watcher.start()
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+        ret = pytest.main(_nightly_argv(tmp_path))
+    watcher.join(5)
+    assert loading.is_set(), buffer.getvalue()[-3000:]
+    pids = _pids_in(log)
+    assert ret == pytest.ExitCode.INTERRUPTED, buffer.getvalue()[-3000:]
+    entry = json.loads((tmp_path / "res" / "failure_results.json").read_text())["Hang::TP1_auto"]
+    assert entry["error_type"] == "ServerError"
+    assert entry["error_message"] == "run interrupted (KeyboardInterrupt) before Hang::TP1_auto finished"
+    assert not (tmp_path / "res" / "success_results.json").exists() or "Hang::TP1_auto" not in json.loads(
+        (tmp_path / "res" / "success_results.json").read_text())
+    assert [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE] == []
 
 
 # -- selection before boot: no GPU on this host ----------------------------------------------------------------

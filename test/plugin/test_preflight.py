@@ -103,6 +103,44 @@ def test_vllm_fails_only_when_the_block_can_be_neither_refined_nor_padded():
     assert check(odd, LaunchPlan(engine="vllm", tp=8, moe_backend="triton"), None) == []
 
 
+def _fp8_model(inter: int, hidden: int = 4096, block: tuple[int, int] = (128, 128)):
+    qwen = model("qwen3-235b-a22b-instruct-2507-fp8.json")
+    return replace(qwen, moe_intermediate_size=inter, hidden_size=hidden,
+                   quantization=replace(qwen.quantization, weight_block_size=block))
+
+
+@pytest.mark.parametrize("inter, hidden, block, tp, backend, loads", [
+    # Each row worked by hand from vLLM 0.32.0: fused_moe/oracle/fp8.py (refine_fp8_moe_block_shape,
+    # pad_tp_shard_to_weight_blocks) and quantization/utils/fp8_utils.py (validate_fp8_block_shape_moe).
+    # TP1, 1040 columns: 1040 % 128 = 16, gcd(128, 128, 1040, 4096) = 16 < 32, no padding at TP1 -> fails
+    (1040, 4096, (128, 128), 1, "auto", False),
+    # TP8, 2048 / 8 = 256 = 2 x 128 on both block sides: whole blocks, whatever the hidden size (4112 = 16 x 257)
+    (2048, 4112, (128, 128), 8, "auto", True),
+    # TP1 needs whole blocks along block_n only: 1152 = 9 x 128, although 1152 % 256 = 128 (gcd with 4112 = 16)
+    (1152, 4112, (128, 256), 1, "auto", True),
+    # TP8, 1536 / 8 = 192: gcd(128, 128, 192, 4112) = 16 -- the hidden size limits the refinement -> fails
+    (1536, 4112, (128, 128), 8, "auto", False),
+    # ... and with hidden 4096 the gcd is 64 >= 32 -> refined, loads
+    (1536, 4096, (128, 128), 8, "auto", True),
+    # TP8, 1280 / 8 = 160: gcd(128, 128, 160, 4096) = 32, exactly the floor -> refined, loads
+    (1280, 4096, (128, 128), 8, "auto", True),
+    # TP8, 1152 / 8 = 144: gcd 16; an explicit backend pads the shard (1152 and 4096 are 128-aligned, pure TP)
+    (1152, 4096, (128, 128), 8, "triton", True),
+    # ... but not when the global size is not 128-aligned (1040 = 8 x 130): vLLM raises instead of padding
+    (1040, 4096, (128, 128), 8, "triton", False),
+    # ... nor with a non-square block: padding needs block_n == block_k
+    (1152, 4096, (128, 64), 8, "triton", False),
+])
+def test_vllm_fp8_block_rules(inter, hidden, block, tp, backend, loads):
+    problems = check(_fp8_model(inter, hidden, block), LaunchPlan(engine="vllm", tp=tp, moe_backend=backend), None)
+    assert ("fp8-block-unrefinable" not in ids(problems)) is loads
+
+
+def test_a_shard_that_is_not_whole_columns_is_not_the_block_rules_question():
+    """1540 % 8 = 4: vLLM's own sharding check fails first (not a block size question)."""
+    assert "fp8-block-unrefinable" not in ids(check(_fp8_model(1540), LaunchPlan(engine="vllm", tp=8), None))
+
+
 def test_online_fp8_of_a_16_bit_checkpoint_has_no_block_check():
     """SGLang builds Fp8Config() with weight_block_size=None for online FP8; vLLM uses per-tensor FP8."""
     glm = model("glm-4.6.json")
