@@ -81,6 +81,20 @@ def test_impossible_streams_are_refused(script, match):
         check_stream(_stream(script, max_tokens=4), batch_size=1, output_len=4)
 
 
+def test_refusals_say_why_with_figures_from_the_raw_stream():
+    # A short stream says what usually causes it.
+    with pytest.raises(BenchmarkError, match=r"streamed 3 tokens, expected 4 \(ignore_eos ignored, or chunks lost\)$"):
+        check_stream(_stream(StreamScript(token_delta=-1), max_tokens=4), batch_size=1, output_len=4)
+    # A first chunk of 2 tokens, then chunks of 1: refused (2 > 1). On the ticking clock the first chunk is
+    # reading 1 (TTFT 1 s) and the stream ends at reading 5 (3 token chunks, the usage chunk, the end), so the
+    # decode window is 1000 * (5 - 1) = 4000 ms.
+    timing = _stream(StreamScript(first_chunk_tokens=2), max_tokens=4)
+    assert (timing.ttft_s, timing.latency_s) == (1.0, 5.0)
+    with pytest.raises(BenchmarkError, match=r"got 2 of its 4 tokens in its first chunk, more than one chunk of the "
+                                             r"stream carries \(1\): the decode window \(4000\.00 ms\)"):
+        check_stream(timing, batch_size=1, output_len=4)
+
+
 def test_a_server_that_does_not_report_token_ids_is_refused():
     with pytest.raises(BenchmarkError, match="without token_ids"):
         _stream(StreamScript(honours_token_ids=False))

@@ -4,6 +4,7 @@ predictable seed 000 error caught by a named rule."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,18 @@ def _fp8_model(inter: int, hidden: int = 4096, block: tuple[int, int] = (128, 12
 def test_vllm_fp8_block_rules(inter, hidden, block, tp, backend, loads):
     problems = check(_fp8_model(inter, hidden, block), LaunchPlan(engine="vllm", tp=tp, moe_backend=backend), None)
     assert ("fp8-block-unrefinable" not in ids(problems)) is loads
+
+
+def test_sglang_checks_the_block_n_side_of_a_block_and_prints_the_shard_as_computed():
+    # SGLang compares moe_intermediate_size / moe_tp_size with weight_block_size[0] (block_n): with a 128 x 64
+    # block, 1536 / 8 = 192 is 1.5 blocks of 128 (rejected) although it is 3 blocks of 64.
+    [problem] = check(_fp8_model(1536, block=(128, 64)), LaunchPlan(engine="sglang", tp=8), None)
+    assert problem.rule_id == "fp8-block-alignment"
+    assert re.search(r"1536 / moe_tp_size 8 = 192\b(?!\.)", problem.message), problem.message
+    # 1540 / 8 = 192.5: not whole columns either, and the message shows the fraction
+    [problem] = [p for p in check(_fp8_model(1540), LaunchPlan(engine="sglang", tp=8), None)
+                 if p.rule_id == "fp8-block-alignment"]
+    assert "1540 / moe_tp_size 8 = 192.5" in problem.message
 
 
 def test_a_shard_that_is_not_whole_columns_is_not_the_block_rules_question():
