@@ -454,6 +454,9 @@ KNOWN_DEV_MISSES = {
     # "X is not supported with --flag" is a backend refusing a combination (the weak wording rule); the thread's
     # reader saw an option combination to drop
     "https://github.com/vllm-project/vllm/issues/17355": "refusal wording for an option clash",
+    # "Tokenizer class X does not exist or is not currently imported": X lives in the repo's remote code (most
+    # copies) or, as GemmaTokenizer here, in a newer transformers than the one installed
+    "https://github.com/lm-sys/FastChat/issues/3253": "a built-in tokenizer class of a newer transformers",
 }
 
 
