@@ -12,6 +12,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -359,6 +360,26 @@ def test_a_kept_server_log_is_rewritten_redacted_byte_for_byte_otherwise(tmp_pat
     assert [p.name for p in log.parent.iterdir()] == ["m_TP1_auto.log"]
     redact_file(tmp_path / "no-such.log")  # a log that was never written: nothing to do, no error
     assert not (tmp_path / "no-such.log").exists()
+
+
+def test_a_log_is_redacted_through_a_temporary_file_beside_it(tmp_path, monkeypatch):
+    """``os.replace`` is atomic only within one filesystem: the rewritten copy must be made in the log's own
+    directory, never in the system's temporary one (often another filesystem: the rename then fails)."""
+    from pytest_moe import redact as redact_mod
+
+    register_secrets({"sk-log-secret-7"})
+    log = tmp_path / "logs" / "x.log"
+    log.parent.mkdir()
+    log.write_text("--api-key sk-log-secret-7\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+    moves: list[tuple[str, str]] = []
+    real_replace = os.replace
+    monkeypatch.setattr(redact_mod.os, "replace", lambda src, dst: (moves.append((str(src), str(dst))), real_replace(src, dst)))
+    redact_mod.redact_file(log)
+    assert [Path(src).parent for src, _ in moves] == [log.parent] and [dst for _, dst in moves] == [str(log)]
+    assert log.read_text() == "--api-key ***\n"
 
 
 def test_registered_values_of_four_characters_are_masked_and_shorter_ones_are_not():

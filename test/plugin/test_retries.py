@@ -20,7 +20,7 @@ from pytest_moe.errors import LEARNED_ID, Classification
 from pytest_moe.configs import BenchSpec, ServerConfig
 from pytest_moe.report import junit_properties, summary_markdown
 from pytest_moe.results import ResultsStore
-from pytest_moe.retries import RetryPolicyError, load_policy, parse_policy
+from pytest_moe.retries import RetryPolicyError, load_policy, parse_policy, retry_launch
 from pytest_moe.runner import CellRun, RunOptions
 from pytest_moe.checks import CHECKS
 from pytest_moe.server import ServerError
@@ -96,6 +96,25 @@ def test_packaged_policy_has_the_issue_defaults() -> None:
     assert sorted(policy.never) == sorted(never)
     for error_type in never:
         assert policy.retries_for(Classification(error_type, "x", None), override=5) == 0
+
+
+def test_retry_launch_classifies_the_exception_it_caught_and_re_raises_it() -> None:
+    class LaunchFailed(Exception):
+        pass
+
+    raised = LaunchFailed("OSError: [Errno 98] Address already in use")
+    seen: list[BaseException] = []
+
+    def launch():
+        raise raised
+
+    def classify_failure(exc):
+        seen.append(exc)
+        return Classification("OOM", str(exc), None)
+
+    with pytest.raises(LaunchFailed) as info:
+        retry_launch(launch, classify_failure, retryable=LaunchFailed)
+    assert info.value is raised and seen == [raised]
 
 
 def test_override_replaces_the_count_of_retried_types_only() -> None:

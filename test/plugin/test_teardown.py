@@ -114,6 +114,50 @@ def test_a_tree_that_ignores_sigterm_is_killed_with_sigkill_and_nothing_survives
     assert teardown.survivors == []
     assert sorted(teardown.pids) == sorted(p.pid for p in tree)
     assert [p.pid for p in tree if not _gone(p)] == []
+    # it waited out the grace period before SIGKILL, and says how long the whole teardown took
+    assert GRACE_S <= teardown.seconds < GRACE_S + 30
+    # the janitor beside the server is stopped and reaped with it (returncode set by stop's own wait, not a poll here)
+    assert srv._janitor is not None and srv._janitor.returncode is not None
+
+
+def test_stop_is_idempotent_and_hands_the_stopped_server_to_the_after_stop_hook(tmp_path):
+    stopped: list[Server] = []
+    srv = Server(_engine(), _cfg(), model_path="/m", served_name="ours", log_path=tmp_path / "s.log", timeout_s=30,
+                 grace_s=GRACE_S, after_stop=stopped.append)
+    try:
+        srv.__enter__()
+        first = srv.stop()
+        assert srv.stop() is first and stopped == [srv]
+    finally:
+        srv.stop()
+        if srv._janitor is not None and srv._janitor.poll() is None:
+            srv._janitor.kill()
+            srv._janitor.wait()
+    never_started = Server(_engine(), _cfg(), model_path="/m", served_name="ours", log_path=tmp_path / "n.log",
+                           timeout_s=30, grace_s=GRACE_S, after_stop=stopped.append)
+    assert never_started.stop().pids == [] and stopped == [srv]
+
+
+def test_a_zombie_or_a_vanished_process_is_not_live():
+    from pytest_moe.server import _is_live
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc = psutil.Process(child.pid)
+    try:
+        deadline = time.monotonic() + 30
+        while proc.status() != psutil.STATUS_ZOMBIE:  # exited, not yet reaped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert proc.is_running() and not _is_live(proc)
+    finally:
+        child.wait()
+    assert not _is_live(proc)
+
+    class Vanishing:
+        def is_running(self):
+            raise psutil.NoSuchProcess(child.pid)
+
+    assert not _is_live(Vanishing())
 
 
 def test_a_sigstopped_server_gets_sigcont_so_sigterm_alone_stops_it(started):
