@@ -20,8 +20,8 @@ threshold the failure stays ``ServerError`` with its signature; a guess keeps th
 guessed failures still group across nights.
 
 The test part of the corpus never trains it (``corpus.part_of``): it stays the score.
-scikit-learn is imported and the model fitted on first use (about 1.5 s: the import 1.1 s, the fit on 766 dev excerpts 0.3-0.8 s), in the process that
-classifies a failure; passing runs never pay for it.
+scikit-learn is imported and the model fitted on first use (about 1.5 s: the import 1.1 s, the fit on
+766 dev excerpts 0.3-0.8 s), in the process that classifies a failure; passing runs never pay for it.
 """
 
 from __future__ import annotations
