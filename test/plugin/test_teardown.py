@@ -8,6 +8,7 @@ teardown and checked after it, so a child that outlives its parent counts as a s
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -136,6 +137,49 @@ def test_stop_is_idempotent_and_hands_the_stopped_server_to_the_after_stop_hook(
     never_started = Server(_engine(), _cfg(), model_path="/m", served_name="ours", log_path=tmp_path / "n.log",
                            timeout_s=30, grace_s=GRACE_S, after_stop=stopped.append)
     assert never_started.stop().pids == [] and stopped == [srv]
+
+
+_RESPAWNER = """
+import signal, subprocess, sys, time
+pid_file = sys.argv[1]
+
+def respawn(*_):
+    # a supervisor that answers SIGTERM by starting a new worker in a session of its own (out of our process
+    # group, so a group signal cannot reach it), and keeps running itself
+    worker = subprocess.Popen([sys.executable, "-c",
+                               "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+                              start_new_session=True)
+    open(pid_file, "w").write(str(worker.pid))
+
+signal.signal(signal.SIGTERM, respawn)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_process_started_during_the_grace_period_is_killed_too(tmp_path):
+    """``kill_tree`` looks again after the grace period: what the tree started meanwhile (here outside the process
+    group, where only a per-process SIGKILL reaches it) is a straggler like the leader that ignored SIGTERM."""
+    from pytest_moe.server import kill_tree
+
+    pid_file = tmp_path / "worker.pid"
+    leader = subprocess.Popen([sys.executable, "-c", _RESPAWNER, str(pid_file)], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    worker_pid = None
+    try:
+        assert leader.stdout.readline().strip() == "ready"
+        teardown = kill_tree(leader.pid, GRACE_S)
+        leader.wait(timeout=30)
+        worker_pid = int(pid_file.read_text())  # the respawn happened
+        assert teardown.escalated_to_sigkill and teardown.survivors == []
+        assert not psutil.pid_exists(worker_pid) or _gone(psutil.Process(worker_pid))
+    finally:
+        for pid in [leader.pid] + ([worker_pid] if worker_pid is not None else []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        leader.wait()
 
 
 def test_a_zombie_or_a_vanished_process_is_not_live():
