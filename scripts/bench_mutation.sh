@@ -36,6 +36,21 @@ done
 # MUTATION_FRESH=1 starts over.  It must exist when Python starts, being on PYTHONPATH.
 [[ -z "${MUTATION_FRESH:-}" ]] || rm -rf mutants
 mkdir -p mutants
+# mutmut 3.8 regenerates the mutated modules and re-copies test/, but leaves a package file it copied once (the
+# data YAML, the corpus, modules it does not mutate) as it was: bring those up to date, or the tests run against
+# stale data (seen: a rule added to error_patterns.yaml missing under mutmut, and its stats run failing).
+python - <<'PY'
+import shutil
+import tomllib
+from pathlib import Path
+
+mutated = set(tomllib.loads(Path("pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"])
+for src in Path("pytest_moe").rglob("*"):
+    dst = Path("mutants") / src
+    if src.is_file() and "__pycache__" not in src.parts and str(src) not in mutated and dst.parent.is_dir():
+        if not dst.exists() or dst.read_bytes() != src.read_bytes():
+            shutil.copy2(src, dst)
+PY
 # Child processes (pytester subprocesses, the janitor) import the mutated copy, not this checkout, and run
 # the mutant under test (mutmut passes it in MUTANT_UNDER_TEST).  While mutmut records which test reaches
 # which function ("stats"), a child cannot report its hits and would fail looking for mutmut's config in
