@@ -265,11 +265,22 @@ def test_an_interrupt_in_this_process_records_the_config_it_cut_short(tmp_path):
                 return
             time.sleep(0.05)
 
+    class Recorded:
+        """What the plugin tells the other plugin objects (the history) it recorded."""
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str, str]] = []
+
+        @pytest.hookimpl
+        def pytest_moe_entry_recorded(self, config, key, entry, outcome):
+            self.calls.append((key, outcome, entry["error_type"]))
+
+    recorded = Recorded()
     watcher = threading.Thread(target=interrupt_once_loading, daemon=True)
     watcher.start()
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-        ret = pytest.main(_nightly_argv(tmp_path))
+        ret = pytest.main(_nightly_argv(tmp_path), plugins=[recorded])
     watcher.join(5)
     assert loading.is_set(), buffer.getvalue()[-3000:]
     pids = _pids_in(log)
@@ -277,6 +288,7 @@ def test_an_interrupt_in_this_process_records_the_config_it_cut_short(tmp_path):
     entry = json.loads((tmp_path / "res" / "failure_results.json").read_text())["Hang::TP1_auto"]
     assert entry["error_type"] == "ServerError"
     assert entry["error_message"] == "run interrupted (KeyboardInterrupt) before Hang::TP1_auto finished"
+    assert recorded.calls == [("Hang::TP1_auto", "interrupted", "ServerError")]
     assert not (tmp_path / "res" / "success_results.json").exists() or "Hang::TP1_auto" not in json.loads(
         (tmp_path / "res" / "success_results.json").read_text())
     assert [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE] == []

@@ -13,7 +13,7 @@ import pytest
 
 from pytest_moe import cli
 from pytest_moe.matrix import MatrixError, load_matrix
-from pytest_moe.waivers import apply_waiver
+from pytest_moe.waivers import Verdict, apply_waiver, check_outcome
 
 TODAY = date(2026, 11, 25)
 FUTURE = TODAY + timedelta(days=90)
@@ -117,6 +117,26 @@ def test_configs_without_a_waiver_are_untouched(tmp_path) -> None:
     report = _report("failed")
     apply_waiver(report, _cfg(_matrix(tmp_path, {"TP2_auto": _waiver()})), {"error_type": "Crash"}, today=TODAY)
     assert report.outcome == "failed" and not report.sections
+
+
+def test_check_outcome_verdicts_and_the_expiry_day_itself(tmp_path) -> None:
+    path = _matrix(tmp_path, {"TP1_auto": _waiver("Crash", expires=FUTURE)})
+    cfg = _cfg(path)
+    assert check_outcome(_cfg(path, "TP2_auto"), "Crash", passed=False, today=TODAY) is None  # no waiver
+    assert check_outcome(cfg, "Crash", passed=False, today=TODAY).verdict is Verdict.XFAIL
+    assert check_outcome(cfg, "Crash", passed=False, today=FUTURE).verdict is Verdict.XFAIL  # "expires" is its last day
+    assert check_outcome(cfg, "Crash", passed=False, today=FUTURE + timedelta(days=1)).verdict is Verdict.FAIL
+    assert check_outcome(cfg, None, passed=True, today=TODAY).verdict is Verdict.FAIL
+    assert check_outcome(cfg, "OOM", passed=False, today=TODAY).verdict is Verdict.FAIL
+
+
+def test_apply_waiver_judges_by_the_day_it_is_given(tmp_path) -> None:
+    """The day passed in (the run's date), not the clock: a waiver expiring in 2099 has expired on 2100-01-01."""
+    report, entry = _report("failed"), {"error_type": "Crash", "status": "failed"}
+    apply_waiver(report, _cfg(_matrix(tmp_path, {"TP1_auto": _waiver(expires=date(2099, 1, 1))})), entry,
+                 today=date(2100, 1, 1))
+    assert report.outcome == "failed"
+    assert dict(report.sections)["pytest-moe"].startswith("waiver for M::TP1_auto expired on 2099-01-01")
 
 
 # --- python -m pytest_moe waivers ---------------------------------------------------------------
