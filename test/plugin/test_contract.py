@@ -382,6 +382,17 @@ def test_a_log_is_redacted_through_a_temporary_file_beside_it(tmp_path, monkeypa
     assert log.read_text() == "--api-key ***\n"
 
 
+def test_with_no_secret_known_text_without_secret_shapes_is_unchanged(monkeypatch):
+    """No registered value and no secret-named variable: nothing to mask by value (an empty pattern would match
+    between every two characters)."""
+    from pytest_moe import redact as redact_mod
+
+    monkeypatch.setattr(redact_mod, "_registered", set())
+    for name in [k for k in os.environ if redact_mod.is_secret_name(k)]:
+        monkeypatch.delenv(name)
+    assert redact("loading weights took 1.2 s on tp=2") == "loading weights took 1.2 s on tp=2"
+
+
 def test_registered_values_of_four_characters_are_masked_and_shorter_ones_are_not():
     register_secrets({"Zq9!", "Zq8"})
     assert redact("key Zq9! and Zq8 end") == "key *** and Zq8 end"
