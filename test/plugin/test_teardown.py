@@ -182,6 +182,57 @@ def test_a_process_started_during_the_grace_period_is_killed_too(tmp_path):
         leader.wait()
 
 
+_GRANDCHILD = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+_CHILD = """
+import subprocess, sys, time
+# starts a grandchild in a session of its own (out of the leader's process group) that ignores SIGTERM
+grandchild = subprocess.Popen([sys.executable, "-c", sys.argv[2]], start_new_session=True, stdout=subprocess.PIPE,
+                              text=True)
+grandchild.stdout.readline()
+open(sys.argv[1], "w").write(str(grandchild.pid))
+time.sleep(600)
+"""
+_GRANDPARENT = """
+import subprocess, sys, time
+pid_file, child, grandchild = sys.argv[1:]
+subprocess.Popen([sys.executable, "-c", child, pid_file, grandchild])  # in our process group
+while True:
+    try:
+        if open(pid_file).read():
+            break
+    except FileNotFoundError:
+        pass
+    time.sleep(0.01)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_grandchild_that_left_the_process_group_is_still_killed(tmp_path):
+    """Descendants are found through the whole tree, not only the leader's children: a grandchild in a session of
+    its own is out of reach of the group signal and, once its parents are gone, of the tree."""
+    from pytest_moe.server import kill_tree
+
+    pid_file = tmp_path / "grandchild.pid"
+    leader = subprocess.Popen([sys.executable, "-c", _GRANDPARENT, str(pid_file), _CHILD, _GRANDCHILD],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    grandchild_pid = None
+    try:
+        assert leader.stdout.readline().strip() == "ready"
+        grandchild_pid = int(pid_file.read_text())
+        teardown = kill_tree(leader.pid, GRACE_S)
+        leader.wait(timeout=30)
+        assert grandchild_pid in teardown.pids and teardown.survivors == []
+        assert not psutil.pid_exists(grandchild_pid) or _gone(psutil.Process(grandchild_pid))
+    finally:
+        for pid in [leader.pid] + ([grandchild_pid] if grandchild_pid is not None else []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        leader.wait()
+
+
 def test_a_zombie_or_a_vanished_process_is_not_live():
     from pytest_moe.server import _is_live
 
