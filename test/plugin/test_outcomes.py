@@ -276,11 +276,17 @@ def test_an_interrupt_in_this_process_records_the_config_it_cut_short(tmp_path):
             self.calls.append((key, outcome, entry["error_type"]))
 
     recorded = Recorded()
+    # interrupt_main does nothing while SIGINT is ignored, as it is in a job a shell started in the background (a CI
+    # step, nohup): Python's own handler, for this run only
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     watcher = threading.Thread(target=interrupt_once_loading, daemon=True)
     watcher.start()
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
-        ret = pytest.main(_nightly_argv(tmp_path), plugins=[recorded])
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            ret = pytest.main(_nightly_argv(tmp_path), plugins=[recorded])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     watcher.join(5)
     assert loading.is_set(), buffer.getvalue()[-3000:]
     pids = _pids_in(log)
