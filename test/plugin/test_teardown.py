@@ -139,6 +139,16 @@ def test_stop_is_idempotent_and_hands_the_stopped_server_to_the_after_stop_hook(
     assert never_started.stop().pids == [] and stopped == [srv]
 
 
+def _kill_leftovers(leader: subprocess.Popen, *pids: int | None) -> None:
+    """Whatever a failing assertion left running: SIGKILL the leader and the known pids, reap the leader."""
+    for pid in [leader.pid, *(p for p in pids if p is not None)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    leader.wait()
+
+
 _RESPAWNER = """
 import signal, subprocess, sys, time
 pid_file = sys.argv[1]
@@ -174,12 +184,7 @@ def test_a_process_started_during_the_grace_period_is_killed_too(tmp_path):
         assert teardown.escalated_to_sigkill and teardown.survivors == []
         assert not psutil.pid_exists(worker_pid) or _gone(psutil.Process(worker_pid))
     finally:
-        for pid in [leader.pid] + ([worker_pid] if worker_pid is not None else []):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        leader.wait()
+        _kill_leftovers(leader, worker_pid)
 
 
 _GRANDCHILD = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
@@ -225,12 +230,7 @@ def test_a_grandchild_that_left_the_process_group_is_still_killed(tmp_path):
         assert grandchild_pid in teardown.pids and teardown.survivors == []
         assert not psutil.pid_exists(grandchild_pid) or _gone(psutil.Process(grandchild_pid))
     finally:
-        for pid in [leader.pid] + ([grandchild_pid] if grandchild_pid is not None else []):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        leader.wait()
+        _kill_leftovers(leader, grandchild_pid)
 
 
 def test_a_zombie_or_a_vanished_process_is_not_live():
