@@ -5,12 +5,14 @@
 # mutmut (configured in pyproject.toml's [tool.mutmut]) copies the package into mutants/, rewrites each
 # function of the core modules into mutated variants, records which tests reach which function, and
 # runs only those tests against each variant.  Prints the killed share per module and every survivor
-# with its diff.  Slow (hours for all modules on 2 cores): not part of CI; its figure goes in reports.
+# with its diff.  Slow (most of a day for all modules on 2 cores; about an hour for a 10 % sample): not part of
+# CI; its figure goes in reports.
 #
 #   bash scripts/bench_mutation.sh                 # all core modules
 #   bash scripts/bench_mutation.sh janitor results # some of them
 #   MUTATION_JOBS=1 bash scripts/bench_mutation.sh janitor   # fewer parallel test processes
 #   MUTATION_FRESH=1 bash scripts/bench_mutation.sh          # forget earlier verdicts and bookkeeping
+#   MUTATION_SAMPLE=0.1 MUTATION_SEED=0 bash scripts/bench_mutation.sh   # a seeded 10 % sample of each module
 #
 # After the tests change, start over with MUTATION_FRESH=1: mutmut 3.8's incremental bookkeeping (new tests
 # only) failed on this suite (BadTestExecutionCommandsException).
@@ -69,41 +71,20 @@ PY
 export PYTHONPATH="$PWD/mutants:$site"
 # In a session of its own: a mutant of the teardown code (server.kill_tree, _members, _signal_group) can signal
 # the process group or tree of whoever runs it, and once ended the shell that ran this script.
-setsid -w python -m mutmut run --max-children "${MUTATION_JOBS:-$(nproc)}" "${globs[@]}"
+jobs="${MUTATION_JOBS:-$(nproc)}"
+if [[ -n "${MUTATION_SAMPLE:-}" ]]; then
+    # A seeded, stratified sample (scripts/mutation_report.py says why): generate every mutant and the per-test
+    # bookkeeping by running one cheap mutant, draw the sample from the full list, then run only the sample.
+    setsid -w python -m mutmut run --max-children "$jobs" "pytest_moe.selection.x_decide__mutmut_1" > /dev/null
+    python -m mutmut results --all true > mutants/all.txt
+    python scripts/mutation_report.py draw mutants/all.txt "$MUTATION_SAMPLE" "${MUTATION_SEED:-0}" "${modules[@]}" \
+        > mutants/sample.txt
+    mapfile -t names < mutants/sample.txt
+    setsid -w python -m mutmut run --max-children "$jobs" "${names[@]}"
+else
+    rm -f mutants/sample.txt
+    setsid -w python -m mutmut run --max-children "$jobs" "${globs[@]}"
+fi
 python -m mutmut results --all true > mutants/results.txt
-python - "${modules[@]}" <<'PY'
-import re
-import subprocess
-import sys
-from collections import Counter, defaultdict
-
-wanted = sys.argv[1:]
-by_module: dict[str, Counter] = defaultdict(Counter)
-survivors: list[str] = []
-for line in open("mutants/results.txt"):
-    match = re.match(r"\s*(pytest_moe\.((?:plugins\.)?\w+)\.x\S+): (.+)$", line)
-    if not match or match.group(2) not in wanted:
-        continue
-    name, module, status = match.groups()
-    by_module[module][status] += 1
-    if status not in ("killed", "timeout"):
-        survivors.append(f"{name}: {status}")
-total = Counter()
-print(f"{'module':<10} {'mutants':>7} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} {'other':>6} {'killed share':>12}")
-for module in wanted:
-    c = by_module[module]
-    total.update(c)
-    n = sum(c.values())
-    other = n - c["killed"] - c["timeout"] - c["survived"] - c["no tests"]
-    share = f"{100 * (c['killed'] + c['timeout']) / n:.1f} %" if n else "-"
-    print(f"{module:<10} {n:>7} {c['killed']:>7} {c['timeout']:>7} {c['survived']:>8} {c['no tests']:>8} {other:>6} {share:>12}")
-n = sum(total.values())
-if n:
-    print(f"{'total':<10} {n:>7} {'':>7} {'':>7} {'':>8} {'':>8} {'':>6} {100 * (total['killed'] + total['timeout']) / n:>10.1f} %")
-print(f"\nsurviving mutants ({len(survivors)}; killed share counts timeouts as killed):")
-for entry in survivors:
-    print(entry)
-    name = entry.split(":")[0]
-    diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], capture_output=True, text=True).stdout
-    print("".join(f"    {line}\n" for line in diff.splitlines() if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))))
-PY
+if [[ -f mutants/sample.txt ]]; then sample=(mutants/sample.txt); else sample=(); fi
+python scripts/mutation_report.py report mutants/results.txt "${sample[@]}" -- "${modules[@]}"

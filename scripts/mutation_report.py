@@ -1,0 +1,111 @@
+"""Draw a mutant sample and print the killed share per module, for scripts/bench_mutation.sh.
+
+Why a sample: the whole sweep over the core modules is about 5 700 mutants, and a mutant reached by the pytester
+or stand-in-engine tests costs 8-60 s, so all of them take most of a day on 2 cores.  A seeded random sample drawn
+from each module in proportion to its size (stratified) gives an unbiased estimate of each module's and the overall
+killed share, with its 95 % interval, in about an hour; `draw` makes it, `report` prints it.  Without a sample file
+`report` counts every mutant mutmut has a verdict for.
+
+    python scripts/mutation_report.py draw RESULTS FRACTION SEED MODULE...   # prints the sampled names
+    python scripts/mutation_report.py report RESULTS [SAMPLE] -- MODULE...   # the table and the survivors
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+LINE = re.compile(r"\s*(pytest_moe\.((?:plugins\.)?\w+)\.x\S+): (.+)$")
+KILLED = ("killed", "timeout")
+
+
+def read_results(path: str, wanted: list[str]) -> dict[str, tuple[str, str]]:
+    """Mutant name -> (module, status), from `mutmut results --all true` output, for the wanted modules."""
+    verdicts = {}
+    for line in Path(path).read_text().splitlines():
+        match = LINE.match(line)
+        if match and match.group(2) in wanted:
+            name, module, status = match.groups()
+            verdicts[name] = (module, status)
+    return verdicts
+
+
+def draw(verdicts: dict[str, tuple[str, str]], fraction: float, seed: int) -> list[str]:
+    """Each module's share of the sample is its share of the mutants (at least 10 where it has them)."""
+    by_module: dict[str, list[str]] = defaultdict(list)
+    for name, (module, _) in verdicts.items():
+        by_module[module].append(name)
+    rng = random.Random(seed)
+    sample = []
+    for module in sorted(by_module):
+        names = sorted(by_module[module])
+        sample += rng.sample(names, min(len(names), max(10, math.ceil(fraction * len(names)))))
+    return sample
+
+
+def wilson(killed: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a share: sound at the small counts (10-80) a module's sample has."""
+    p = killed / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def report(verdicts: dict[str, tuple[str, str]], sample: list[str] | None, wanted: list[str]) -> None:
+    population = Counter(module for module, _ in verdicts.values())
+    chosen = {name: verdicts[name] for name in sample} if sample is not None else verdicts
+    measured = {name: v for name, v in chosen.items() if v[1] != "not checked"}
+    if len(measured) < len(chosen):
+        print(f"{len(chosen) - len(measured)} mutants not run yet: left out of every figure below\n")
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for module, status in measured.values():
+        counts[module][status] += 1
+    print(f"{'module':<20} {'mutants':>7} {'measured':>8} {'killed':>6} {'survived':>8} {'no tests':>8} {'other':>5}"
+          f" {'killed share':>12} {'95 % interval':>15}")
+    estimate = 0.0
+    for module in wanted:
+        c = counts[module]
+        n = sum(c.values())
+        if not n:
+            print(f"{module:<20} {population[module]:>7} {0:>8}")
+            continue
+        killed = sum(c[s] for s in KILLED)
+        other = n - killed - c["survived"] - c["no tests"]
+        low, high = wilson(killed, n)
+        estimate += population[module] * killed / n
+        print(f"{module:<20} {population[module]:>7} {n:>8} {killed:>6} {c['survived']:>8} {c['no tests']:>8} {other:>5}"
+              f" {100 * killed / n:>10.1f} % {100 * low:>6.1f}-{100 * high:.1f} %")
+    total_n = sum(sum(c.values()) for c in counts.values())
+    total_killed = sum(c[s] for c in counts.values() for s in KILLED)
+    if total_n:
+        overall = estimate / sum(population[m] for m in wanted if counts[m])
+        print(f"{'total':<20} {sum(population.values()):>7} {total_n:>8} {total_killed:>6}"
+              f"{'':>26} {100 * overall:>10.1f} %  (each module weighted by its mutants)")
+    survivors = sorted(name for name, (_, status) in measured.items() if status not in KILLED)
+    print(f"\nsurviving mutants ({len(survivors)}; timeouts count as killed):")
+    for name in survivors:
+        print(f"{name}: {measured[name][1]}")
+        diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], capture_output=True, text=True).stdout
+        print("".join(f"    {line}\n" for line in diff.splitlines()
+                      if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))))
+
+
+def main(argv: list[str]) -> None:
+    if argv[0] == "draw":
+        results, fraction, seed, *wanted = argv[1:]
+        print("\n".join(draw(read_results(results, wanted), float(fraction), int(seed))))
+    else:
+        split = argv.index("--")
+        results, *rest = argv[1:split]
+        wanted = argv[split + 1:]
+        sample = Path(rest[0]).read_text().split() if rest else None
+        report(read_results(results, wanted), sample, wanted)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
