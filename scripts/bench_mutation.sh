@@ -73,18 +73,17 @@ export PYTHONPATH="$PWD/mutants:$site"
 # the process group or tree of whoever runs it, and once ended the shell that ran this script.
 jobs="${MUTATION_JOBS:-$(nproc)}"
 if [[ -n "${MUTATION_SAMPLE:-}" ]]; then
-    # A seeded, stratified sample (scripts/mutation_report.py says why): generate every mutant and the per-test
-    # bookkeeping by running one cheap mutant, draw the sample from the full list, then run only the sample.
+    # A seeded, stratified sample (scripts/mutation_report.py says why, and why it runs the sample itself): generate
+    # every mutant and the per-test bookkeeping by running one cheap mutant, draw the sample from the full list.
     setsid -w python -m mutmut run --max-children "$jobs" "pytest_moe.selection.x_decide__mutmut_1" > /dev/null
     python -m mutmut results --all true > mutants/all.txt
     python scripts/mutation_report.py draw mutants/all.txt "$MUTATION_SAMPLE" "${MUTATION_SEED:-0}" "${modules[@]}" \
         > mutants/sample.txt
-    mapfile -t names < mutants/sample.txt
-    setsid -w python -m mutmut run --max-children "$jobs" "${names[@]}"
+    python scripts/mutation_report.py run mutants/sample.txt "$jobs" > mutants/results.txt
+    sample=(mutants/sample.txt)
 else
-    rm -f mutants/sample.txt
     setsid -w python -m mutmut run --max-children "$jobs" "${globs[@]}"
+    python -m mutmut results --all true > mutants/results.txt
+    sample=()
 fi
-python -m mutmut results --all true > mutants/results.txt
-if [[ -f mutants/sample.txt ]]; then sample=(mutants/sample.txt); else sample=(); fi
 python scripts/mutation_report.py report mutants/results.txt "${sample[@]}" -- "${modules[@]}"
