@@ -80,7 +80,7 @@ if [[ -n "${MUTATION_SAMPLE:-}" ]]; then
     python scripts/mutation_report.py draw mutants/all.txt "$MUTATION_SAMPLE" "${MUTATION_SEED:-0}" "${modules[@]}" \
         > mutants/sample.txt
     python scripts/mutation_report.py run mutants/sample.txt "$jobs" > mutants/results.txt
-    sample=(mutants/sample.txt)
+    sample=(mutants/sample.txt mutants/all.txt)
 else
     setsid -w python -m mutmut run --max-children "$jobs" "${globs[@]}"
     python -m mutmut results --all true > mutants/results.txt

@@ -8,7 +8,7 @@ killed share, with its 95 % interval, in about an hour; `draw` makes it, `report
 
     python scripts/mutation_report.py draw RESULTS FRACTION SEED MODULE...   # prints the sampled names
     python scripts/mutation_report.py run SAMPLE JOBS > VERDICTS              # run them (from mutants/'s parent)
-    python scripts/mutation_report.py report RESULTS [SAMPLE] -- MODULE...   # the table and the survivors
+    python scripts/mutation_report.py report RESULTS [SAMPLE ALL] -- MODULE...   # the table and the survivors
 
 Why `run` and not `mutmut run NAMES`: mutmut first runs the union of the named mutants' tests once, unmutated, in its
 own process and in its own order; for a sample spread over every module that union is nearly the whole fast suite,
@@ -30,6 +30,11 @@ from pathlib import Path
 
 LINE = re.compile(r"\s*(pytest_moe\.((?:plugins\.)?\w+)\.x\S+): (.+)$")
 KILLED = ("killed", "timeout")
+
+
+def killed(status: str) -> bool:
+    """Killed, timed out, or stopped pytest from starting where it starts without the mutant."""
+    return status in KILLED or status.startswith("killed (")
 
 
 def read_results(path: str, wanted: list[str]) -> dict[str, tuple[str, str]]:
@@ -70,6 +75,24 @@ def run_sample(sample: list[str], jobs: int) -> None:
     # bytecode is the same for every mutant (MUTANT_UNDER_TEST picks one at call time), so let Python cache it
     env.pop("PYTHONDONTWRITEBYTECODE", None)
 
+    def pytest(mutant: str, tests: list[str], limit: float) -> int | None:
+        """pytest's exit status with ``mutant`` switched on ("" for none), or None past ``limit`` seconds."""
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "--tb=no", "-p", "no:cacheprovider", "-p", "no:randomly",
+                   "-p", "no:xdist", *tests]
+        with subprocess.Popen(command, cwd="mutants", env=dict(env, MUTANT_UNDER_TEST=mutant), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
+            try:
+                return process.wait(limit)
+            except subprocess.TimeoutExpired:
+                return None
+            finally:
+                # the whole session: servers and janitors the tests started, and a mutant that forgot to stop them
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait()
+
     def verdict(name: str) -> str:
         function = re.sub(r"__mutmut_\d+$", "", name)
         # fastest first, as mutmut orders them: most mutants die in the first few tests (the suite runs in any order
@@ -78,39 +101,36 @@ def run_sample(sample: list[str], jobs: int) -> None:
         if not tests:
             return "no tests"
         limit = 60 + 3 * sum(durations.get(t, 0) for t in tests)
-        command = [sys.executable, "-m", "pytest", "-x", "-q", "--tb=no", "-p", "no:cacheprovider", "-p", "no:randomly",
-                   "-p", "no:xdist", *tests]
-        with subprocess.Popen(command, cwd="mutants", env=dict(env, MUTANT_UNDER_TEST=name), start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
-            try:
-                code = process.wait(limit)
-            except subprocess.TimeoutExpired:
-                code = None
-            finally:
-                # the whole session: servers and janitors the tests started, and a mutant that forgot to stop them
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.wait()
-        return {None: "timeout", 0: "survived", 1: "killed"}.get(code, f"suspicious (pytest exit {code})")
+        code = pytest(name, tests, limit)
+        if code in (None, 0, 1):
+            return {None: "timeout", 0: "survived", 1: "killed"}[code]
+        # pytest stopped before or outside the tests (a usage or internal error: a mutant of the rule parser breaks the
+        # plugin's start); that is the mutant's doing only if the same tests pass without it
+        clean = pytest("", tests, limit)
+        return f"killed (pytest exit {code})" if clean == 0 else f"suspicious (exit {code}; {clean} without the mutant)"
 
     with ThreadPoolExecutor(jobs) as pool:
         for name, status in zip(sample, pool.map(verdict, sample)):
             print(f"    {name}: {status}", flush=True)
 
 
-def wilson(killed: int, n: int, z: float = 1.96) -> tuple[float, float]:
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """The 95 % Wilson score interval of a share: sound at the small counts (10-80) a module's sample has."""
-    p = killed / n
+    p = hits / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
 
 
-def report(verdicts: dict[str, tuple[str, str]], sample: list[str] | None, wanted: list[str]) -> None:
-    population = Counter(module for module, _ in verdicts.values())
-    chosen = {name: verdicts[name] for name in sample} if sample is not None else verdicts
+def report(verdicts: dict[str, tuple[str, str]], sample: list[str] | None, wanted: list[str],
+           everything: dict[str, tuple[str, str]]) -> None:
+    """``everything``: every mutant of the modules (the population a sample was drawn from)."""
+    population = Counter(module for module, _ in everything.values())
+    def module_of(name: str) -> str:
+        return re.match(r"pytest_moe\.((?:plugins\.)?\w+)\.x", name).group(1)
+
+    # a sampled mutant with no verdict yet (the run still going, or stopped) counts as not run
+    chosen = {name: verdicts.get(name, (module_of(name), "not checked")) for name in sample} if sample else verdicts
     measured = {name: v for name, v in chosen.items() if v[1] != "not checked"}
     if len(measured) < len(chosen):
         print(f"{len(chosen) - len(measured)} mutants not run yet: left out of every figure below\n")
@@ -126,19 +146,19 @@ def report(verdicts: dict[str, tuple[str, str]], sample: list[str] | None, wante
         if not n:
             print(f"{module:<20} {population[module]:>7} {0:>8}")
             continue
-        killed = sum(c[s] for s in KILLED)
-        other = n - killed - c["survived"] - c["no tests"]
-        low, high = wilson(killed, n)
-        estimate += population[module] * killed / n
-        print(f"{module:<20} {population[module]:>7} {n:>8} {killed:>6} {c['survived']:>8} {c['no tests']:>8} {other:>5}"
-              f" {100 * killed / n:>10.1f} % {100 * low:>6.1f}-{100 * high:.1f} %")
+        dead = sum(count for status, count in c.items() if killed(status))
+        other = n - dead - c["survived"] - c["no tests"]
+        low, high = wilson(dead, n)
+        estimate += population[module] * dead / n
+        print(f"{module:<20} {population[module]:>7} {n:>8} {dead:>6} {c['survived']:>8} {c['no tests']:>8} {other:>5}"
+              f" {100 * dead / n:>10.1f} % {100 * low:>6.1f}-{100 * high:.1f} %")
     total_n = sum(sum(c.values()) for c in counts.values())
-    total_killed = sum(c[s] for c in counts.values() for s in KILLED)
+    total_killed = sum(count for c in counts.values() for status, count in c.items() if killed(status))
     if total_n:
         overall = estimate / sum(population[m] for m in wanted if counts[m])
         print(f"{'total':<20} {sum(population.values()):>7} {total_n:>8} {total_killed:>6}"
               f"{'':>26} {100 * overall:>10.1f} %  (each module weighted by its mutants)")
-    survivors = sorted(name for name, (_, status) in measured.items() if status not in KILLED)
+    survivors = sorted(name for name, (_, status) in measured.items() if not killed(status))
     print(f"\nsurviving mutants ({len(survivors)}; timeouts count as killed):")
     for name in survivors:
         print(f"{name}: {measured[name][1]}")
@@ -157,8 +177,12 @@ def main(argv: list[str]) -> None:
         split = argv.index("--")
         results, *rest = argv[1:split]
         wanted = argv[split + 1:]
-        sample = Path(rest[0]).read_text().split() if rest else None
-        report(read_results(results, wanted), sample, wanted)
+        verdicts = read_results(results, wanted)
+        if rest:
+            sample_file, all_file = rest
+            report(verdicts, Path(sample_file).read_text().split(), wanted, read_results(all_file, wanted))
+        else:
+            report(verdicts, None, wanted, verdicts)
 
 
 if __name__ == "__main__":
