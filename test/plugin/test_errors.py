@@ -459,6 +459,13 @@ KNOWN_DEV_MISSES = {
     # "No module named 'vllm._moe_C'" on vLLM's CPU build of 0.4.2: the reader saw a build without MoE kernels
     # (UnsupportedBackend); the text says only that a module is missing
     "https://github.com/vllm-project/vllm/issues/5185": "a kernel module the build lacks, told as a missing module",
+    # Composable Kernel's "device_gemm ... does not support this GEMM problem" reads as a refusal (the weak wording
+    # rule); the thread's reader traced it to a shape that is no multiple of the kernel's tile
+    "https://github.com/ROCm/aiter/issues/2191": "CK's refusal wording for a tile misfit",
+    # the worker's SIGABRT ("died, exit code: -6") is told before the NCCL heartbeat monitor's timeout that caused it
+    "https://github.com/vllm-project/vllm/issues/9839": "a watchdog abort told before its cause",
+    # ray's actor death lists the OOM killer as one possible cause among several; the thread found a memory leak
+    "https://github.com/alibaba/ROLL/issues/80": "an actor death whose cause only the thread names",
 }
 
 
