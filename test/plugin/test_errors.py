@@ -19,7 +19,9 @@ import yaml
 from pytest_moe import errors, learned
 from pytest_moe.corpus import CORPUS_DIR, CorpusError, Part, load_corpus, part_of
 from pytest_moe.datafiles import load_yaml
-from pytest_moe.errors import ERROR_TYPES, Classification, ErrorPatternsError, classify, classify_file, normalize
+from pytest_moe.errors import (
+    ERROR_TYPES, Classification, ErrorPatternsError, classify, classify_file, normalize, read_log_tail,
+)
 
 LOGS = Path(__file__).parent / "data" / "logs"
 CORPUS = CORPUS_DIR
@@ -308,6 +310,9 @@ def _data() -> dict:
         # slow regexes are rejected too: see errors._check_fast
         (lambda d: d["patterns"][0].update(regex=r"\bNCCL WARN"), r"pattern 'sglang-moe-tp-block-size': regex .* must start with a literal"),
         (lambda d: d["patterns"][0].update(regex="NCCL WARN|NCCL error"), r"must not alternate at top level"),
+        # ... also after a closed group, where the alternation is back at top level
+        (lambda d: d["patterns"][0].update(regex="NCCL (WARN)|error"), r"must not alternate at top level"),
+        (lambda d: d.update(patterns={"a": 1}), r"x.yaml: patterns: expected a list\.$"),
         # the learned fallback's settings
         (lambda d: d["learned"]["skip_lines"].append("(unclosed"), r"x.yaml: learned: skip_lines.\d+: Value error, invalid regex"),
         (lambda d: d["learned"].update(min_probability=1.5), r"x.yaml: learned: min_probability: Input should be less than or equal to 1"),
@@ -338,6 +343,44 @@ def test_pattern_schema_is_strict(mutate, match: str) -> None:
     mutate(data)
     with pytest.raises(ErrorPatternsError, match=match):
         errors.parse_rules(data, "x.yaml")
+
+
+def test_a_parsed_pattern_keeps_every_field_of_its_yaml() -> None:
+    data = _data()
+    rules = errors.parse_rules(data, "x.yaml")
+    for entry in data["patterns"]:
+        pattern = next(p for p in rules.patterns if p.id == entry["id"])
+        assert (pattern.error_type, pattern.source, pattern.example, pattern.engine, pattern.releases, pattern.weak) == (
+            entry["error_type"], entry["source"], entry["example"], entry["engine"], entry.get("releases", ""),
+            entry.get("weak", False),
+        )
+    assert any(entry.get("weak") for entry in data["patterns"]), "the shipped rules have weak ones to check"
+
+
+@pytest.mark.parametrize("width", [errors.MAX_MESSAGE_CHARS - 1, errors.MAX_MESSAGE_CHARS, errors.MAX_MESSAGE_CHARS + 1])
+def test_a_message_is_cut_only_past_its_limit(width: int) -> None:
+    line = "RuntimeError: CUDA out of memory. " + "x" * (width - len("RuntimeError: CUDA out of memory. "))
+    message = classify(f"INFO start\n{line}\n").message
+    if width <= errors.MAX_MESSAGE_CHARS:
+        assert message == line
+    else:
+        assert message == line[: errors.MAX_MESSAGE_CHARS - 1] + "…" and len(message) == errors.MAX_MESSAGE_CHARS
+
+
+@pytest.mark.parametrize(
+    ("text", "max_bytes", "tail"),
+    [
+        ("ab\ncd\nef\n", 4, "ef\n"),  # the window starts on a newline: the next line is whole
+        ("ab\ncd\nef\n", 5, "ef\n"),  # ... or inside "cd": that partial line goes
+        ("ab\ncd\nef\n", 9, "ab\ncd\nef\n"),  # the whole file fits
+        ("ab\ncd\nef\n", 7, "cd\nef\n"),  # starts on the first newline: "cd" is whole
+        ("ab\ncd\nef\n", 6, "ef\n"),  # starts at the first byte of "cd": it cannot know that line is whole
+    ],
+)
+def test_a_log_tail_drops_only_a_partial_first_line(tmp_path, text: str, max_bytes: int, tail: str) -> None:
+    log = tmp_path / "server.log"
+    log.write_bytes(text.encode())
+    assert read_log_tail(log, max_bytes) == tail
 
 
 # --- real logs: prefixes, ranks, wrapping ------------------------------------------------------

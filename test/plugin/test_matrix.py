@@ -69,10 +69,18 @@ def test_smoke_matrix_has_two_architectures_tp1_tp2_and_the_crashing_ep_config()
          r"engine vllm takes expert parallelism as a switch \(EP size = TP\), so EP must be 1 or 4, not 2"),
         (MINIMAL + "    known_failures: {TP2_auto: {error_type: Crash, reason: r, issue: https://x/1, expires: 2030-01-01}}\n", r"known_failures names 'TP2_auto', which is not a config of M"),
         (MINIMAL + "    known_failures: {TP1_auto: {error_type: Melted, reason: r, issue: https://x/1, expires: 2030-01-01}}\n", r"unknown error_type 'Melted' \(allowed: OOM, Timeout,"),
+        # the same cell twice: once from tp, once from configs; the second one's line and key are named
+        (MINIMAL.replace("    tp: [1, 8]", "    tp: [1]\n    configs:\n      - {tp: 1}"),
+         r"matrix.yaml:8: models.M.configs\[0\]: config M::TP1_auto is defined twice$"),
+        # a backend in the defaults is reported at the defaults' line, a backend in one config at that config
+        (MINIMAL.replace("engine: sglang", "engine: sglang\n  moe_backends: [warp9]"),
+         r"matrix.yaml:3: defaults.moe_backends\[0\]: unknown MoE backend 'warp9' for engine sglang"),
+        (MINIMAL.replace("    tp: [1, 8]", "    configs:\n      - {tp: 2, moe_backend: warp9}"),
+         r"matrix.yaml:7: models.M.configs\[0\].moe_backend: unknown MoE backend 'warp9' for engine sglang"),
     ],
     ids=["tp-not-power-of-two", "tp-zero", "unknown-key", "unknown-engine", "ep-not-dividing-tp", "unknown-backend",
          "duplicate-key", "bad-yaml", "missing-models", "vllm-ep-switch", "known-failure-unknown-config",
-         "known-failure-unknown-type"],
+         "known-failure-unknown-type", "cell-defined-twice", "unknown-default-backend", "unknown-config-backend"],
 )
 def test_bad_matrix_gives_one_sentence_with_file_line_and_key(tmp_path, text, expected):
     with pytest.raises(MatrixError, match=expected) as info:
