@@ -157,6 +157,7 @@ def test_profile_traces_land_in_each_stage_directory(engine, tmp_path):
     for stage in ("extend", "decode"):
         assert [p.name.endswith(".pt.trace.json.gz") for p in (out_dir / stage).iterdir()] == [True]
     assert [r["max_tokens"] for r in state.requests] == [1, 16]
+    assert [r["model"] for r in state.requests] == ["m", "m"]  # the served name the engine knows the model by
     assert not launch_dir.exists() or not any(launch_dir.iterdir())  # vLLM's files were moved out
 
 

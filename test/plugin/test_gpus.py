@@ -52,20 +52,28 @@ class FakeNvml:
         return len(self.uuids)
 
     def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
-        return i
+        return self._handle(i)
+
+    def _handle(self, h: object) -> int:
+        """Like NVML, a call with anything but a handle it gave out fails."""
+        if not isinstance(h, int) or not 0 <= h < len(self.uuids):
+            raise FakeNvmlError(f"invalid handle {h!r}")
+        return h
 
     def nvmlDeviceGetName(self, h: int) -> bytes:
+        self._handle(h)
         return b"NVIDIA H200"  # old pynvml returns bytes
 
     def nvmlDeviceGetMemoryInfo(self, h: int) -> SimpleNamespace:
         self.tick(self)
-        return SimpleNamespace(total=141 * GIB, used=self.used.get(h, GIB // 2))
+        return SimpleNamespace(total=141 * GIB, used=self.used.get(self._handle(h), GIB // 2))
 
     def nvmlDeviceGetCudaComputeCapability(self, h: int) -> tuple[int, int]:
+        self._handle(h)
         return (9, 0)
 
     def nvmlDeviceGetUUID(self, h: int) -> str:
-        return self.uuids[h]
+        return self.uuids[self._handle(h)]
 
     def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[SimpleNamespace]:
         return [SimpleNamespace(pid=p, usedGpuMemory=GIB) for p in self.procs.get(h, [])]
@@ -123,8 +131,8 @@ def test_without_nvml(env: pytest.MonkeyPatch) -> None:
     found = discover_gpus()
     assert [(g.index, g.name, g.memory_total_bytes) for g in found] == [(0, "unknown", None), (3, "unknown", None)]
     # A GPU named by UUID keeps that name for the server: without NVML its index is unknown.
-    env.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa,GPU-bbbb")
-    assert [g.cuda_id for g in discover_gpus()] == ["GPU-aaaa", "GPU-bbbb"]
+    env.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa,MIG-bbbb")
+    assert [(g.cuda_id, g.uuid) for g in discover_gpus()] == [("GPU-aaaa", "GPU-aaaa"), ("MIG-bbbb", "MIG-bbbb")]
 
 
 def test_pin_replaces_cuda_visible_devices(env: pytest.MonkeyPatch) -> None:
