@@ -288,6 +288,23 @@ def test_lease_basics(tmp_path: Path) -> None:
         leaser.acquire(16, config_id="big")
 
 
+def test_a_release_frees_only_its_own_gpus_and_logs_its_lease(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "leases-elsewhere.jsonl"
+    log.parent.mkdir()
+    leaser = GpuLeaser(tmp_path, gpu_indices=range(4), log_path=log)
+    with leaser.acquire(2, config_id="b") as b:
+        a = leaser.acquire(2, config_id="a")
+        a.release()
+        holders = json.loads((tmp_path / "state.json").read_text())["holders"]
+        assert sorted(int(i) for i in holders) == list(b.indices)  # b's GPUs stay held, a's are free
+        with leaser.acquire(2, config_id="c", timeout_s=5) as c:
+            assert c.indices == a.indices
+    releases = [(e["lease"], e["indices"], e["config"]) for e in read_lease_log(log) if e["event"] == "release"]
+    assert releases == [(a.lease_id, list(a.indices), "a"), (c.lease_id, list(c.indices), "c"),
+                        (b.lease_id, list(b.indices), "b")]
+    assert len({a.lease_id, b.lease_id, c.lease_id}) == 3
+
+
 def _hold(lock_dir: str, pool: int, count: int, ready: "multiprocessing.synchronize.Event", child: bool) -> None:
     lease = GpuLeaser(lock_dir, gpu_indices=range(pool)).acquire(count, config_id="victim")
     if child:  # a "server" that inherits the lease, like Popen(pass_fds=lease.lock_fds)
