@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_moe.matrix import MatrixError, load_matrix
+from pytest_moe.matrix import MAX_YAML_ALIASES, MatrixError, load_matrix
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,6 +86,24 @@ def test_bad_matrix_gives_one_sentence_with_file_line_and_key(tmp_path, text, ex
     with pytest.raises(MatrixError, match=expected) as info:
         load_matrix(_write(tmp_path, text))
     assert "\n" not in str(info.value)
+
+
+def test_alias_limits_name_the_line_where_they_were_passed(tmp_path):
+    # nine levels of nine aliases each: the expansion passes 100 000 values in the line of the sixth level
+    bomb = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    bomb += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    with pytest.raises(MatrixError, match=r"matrix.yaml:6: not valid YAML \(aliases expand to more than 100000 values\)$"):
+        load_matrix(_write(tmp_path, "\n".join(bomb) + "\n" + MINIMAL))
+    many = "a: &a x\nb: [" + ", ".join(["*a"] * (MAX_YAML_ALIASES + 1)) + "]\n" + MINIMAL
+    with pytest.raises(MatrixError, match=rf"matrix.yaml:2: not valid YAML \(more than {MAX_YAML_ALIASES} aliases \(\*name\)\)$"):
+        load_matrix(_write(tmp_path, many))
+
+
+@pytest.mark.parametrize("name", ["a::b", "M[1]", " "])
+def test_a_model_name_that_cannot_be_an_id_is_refused(tmp_path, name):
+    with pytest.raises(MatrixError, match=r"matrix.yaml:4: models\..*\[key\]: a model name must be non-empty and hold no "
+                                          r"'::', '\[' or '\]' \(got '.*'\)$"):
+        load_matrix(_write(tmp_path, MINIMAL.replace("  M:", f"  {name!r}:")))
 
 
 def test_missing_file_is_named(tmp_path):
