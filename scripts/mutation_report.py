@@ -113,7 +113,7 @@ def run_sample(sample: list[str], jobs: int) -> None:
             return {None: "timeout", 0: "survived", 1: "killed"}[code]
         # pytest stopped before or outside the tests (a usage or internal error: a mutant of the rule parser breaks the
         # plugin's start); that is the mutant's doing only if the same tests pass without it
-        clean = pytest("", tests, limit)
+        clean = pytest("", tests, min(natural, CAP_S))
         return f"killed (pytest exit {code})" if clean == 0 else f"suspicious (exit {code}; {clean} without the mutant)"
 
     with ThreadPoolExecutor(jobs) as pool:
