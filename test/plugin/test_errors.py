@@ -509,6 +509,8 @@ KNOWN_DEV_MISSES = {
     "https://github.com/vllm-project/vllm/issues/9839": "a watchdog abort told before its cause",
     # ray's actor death lists the OOM killer as one possible cause among several; the thread found a memory leak
     "https://github.com/alibaba/ROLL/issues/80": "an actor death whose cause only the thread names",
+    # ncclUnhandledCudaError in the excerpt; the PR's author found the backward pass had run out of memory
+    "https://github.com/NovaSky-AI/SkyRL/pull/1761": "an NCCL error whose cause only the PR names",
 }
 
 
