@@ -214,6 +214,9 @@ def test_corrupt_results_are_a_warning_in_the_terminal_and_step_summary(pytester
     ("--api_key sk-live-abcdef", "sk-live-abcdef"),
     ("--api-key=sk-live-abcdef", "sk-live-abcdef"),
     ("Authorization: Bearer eyJhbGciOi.J9.xyz", "eyJhbGciOi.J9.xyz"),
+    # an Authorization header without "Bearer" (Basic credentials, a raw token), in any case
+    ("authorization: Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA=="),
+    ("headers={'Authorization': 'tok-4f3e2d1c'}", "tok-4f3e2d1c"),
     ("DB_SECRET_KEY=s3cr3t-value", "s3cr3t-value"),
     ("SMTP_PASSWORD=hunter22 ", "hunter22"),
     ("REDIS_PASS=hunter22", "hunter22"),
