@@ -217,6 +217,7 @@ def test_corrupt_results_are_a_warning_in_the_terminal_and_step_summary(pytester
     # an Authorization header without "Bearer" (Basic credentials, a raw token), in any case
     ("authorization: Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA=="),
     ("headers={'Authorization': 'tok-4f3e2d1c'}", "tok-4f3e2d1c"),
+    ("proxy sent BEARER sk-proj-abcd1234 upstream", "sk-proj-abcd1234"),  # a bearer token outside a header
     ("DB_SECRET_KEY=s3cr3t-value", "s3cr3t-value"),
     ("SMTP_PASSWORD=hunter22 ", "hunter22"),
     ("REDIS_PASS=hunter22", "hunter22"),
