@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_moe.matrix import MAX_YAML_ALIASES, MatrixError, load_matrix
+from pytest_moe.matrix import MAX_YAML_ALIASES, MatrixError, file_stem, load_matrix
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,10 +77,23 @@ def test_smoke_matrix_has_two_architectures_tp1_tp2_and_the_crashing_ep_config()
          r"matrix.yaml:3: defaults.moe_backends\[0\]: unknown MoE backend 'warp9' for engine sglang"),
         (MINIMAL.replace("    tp: [1, 8]", "    configs:\n      - {tp: 2, moe_backend: warp9}"),
          r"matrix.yaml:7: models.M.configs\[0\].moe_backend: unknown MoE backend 'warp9' for engine sglang"),
+        (MINIMAL.replace("    tp: [1, 8]", "    tp: [1]\n    engine: trtllm"),
+         r"matrix.yaml:7: models.M.engine: unknown engine 'trtllm' \(allowed: sglang, vllm, vllm-cpu\)$"),
+        (MINIMAL.replace("    tp: [1, 8]", "    precision: native"), r"matrix.yaml:4: models.M: model 'M' lists no 'tp' sizes"),
+        (MINIMAL.replace("    tp: [1, 8]", "    tp: [1]\n    agreement: {reference: TP9_auto}"),
+         r"matrix.yaml:7: models.M.agreement.reference: reference 'TP9_auto' is not a config of M \(configs: TP1_auto\)$"),
+        ("history:\n  relative: {speed: 0.1}\n" + MINIMAL, r"matrix.yaml:2: history.relative.speed: unknown metric 'speed'"),
+        ("history:\n  models: {M: {itl_ms: 0.1}, N: {speed: 0.1}}\n" + MINIMAL,
+         r"matrix.yaml:2: history.models.N.speed: unknown metric 'speed'"),
+        # a rejected value is quoted whole up to 80 characters of its repr, cut to 77 and "..." past that
+        (MINIMAL.replace("path: org/m", "path: org/m\n    timeout_s: '" + "x" * 78 + "'"), r"\(got '" + "x" * 78 + r"'\)$"),
+        (MINIMAL.replace("path: org/m", "path: org/m\n    timeout_s: '" + "x" * 79 + "'"), r"\(got '" + "x" * 76 + r"\.\.\.\)$"),
     ],
     ids=["tp-not-power-of-two", "tp-zero", "unknown-key", "unknown-engine", "ep-not-dividing-tp", "unknown-backend",
          "duplicate-key", "bad-yaml", "missing-models", "vllm-ep-switch", "known-failure-unknown-config",
-         "known-failure-unknown-type", "cell-defined-twice", "unknown-default-backend", "unknown-config-backend"],
+         "known-failure-unknown-type", "cell-defined-twice", "unknown-default-backend", "unknown-config-backend",
+         "unknown-model-engine", "no-cells", "unknown-reference", "unknown-relative-metric", "unknown-model-metric",
+         "value-quoted-whole", "value-cut"],
 )
 def test_bad_matrix_gives_one_sentence_with_file_line_and_key(tmp_path, text, expected):
     with pytest.raises(MatrixError, match=expected) as info:
@@ -104,6 +117,11 @@ def test_a_model_name_that_cannot_be_an_id_is_refused(tmp_path, name):
     with pytest.raises(MatrixError, match=r"matrix.yaml:4: models\..*\[key\]: a model name must be non-empty and hold no "
                                           r"'::', '\[' or '\]' \(got '.*'\)$"):
         load_matrix(_write(tmp_path, MINIMAL.replace("  M:", f"  {name!r}:")))
+
+
+def test_file_stems_keep_the_letters_at_the_ends_of_an_id():
+    assert file_stem("X::TP1_X") == "X_TP1_X"
+    assert file_stem("M::TP1_auto.") == "M_TP1_auto"  # only dots, underscores go from the ends
 
 
 def test_missing_file_is_named(tmp_path):
