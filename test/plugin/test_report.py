@@ -20,8 +20,12 @@ def test_seed_table_columns_and_row():
 
 
 def test_values_from_xdist_workers_arrive_as_strings_and_print_the_same():
-    as_strings = {k: str(v) if isinstance(v, float) else v for k, v in SEED_ROW.items()}
+    as_strings = {k: str(v) if isinstance(v, float) or v is None else v for k, v in SEED_ROW.items()}
+    assert as_strings["profile_decode"] == "None"
     assert success_tables([as_strings]) == success_tables([SEED_ROW])
+    flaky = {**SEED_ROW, "flaky": True, "first_attempt_error_type": "PortInUse"}
+    assert "| TP8_EP2_auto (flaky: PortInUse) | 1 |" in success_tables([flaky])
+    assert success_tables([{**flaky, "flaky": "True"}]) == success_tables([flaky])
 
 
 def test_failures_show_type_message_repro_and_server_command():
