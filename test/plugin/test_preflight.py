@@ -27,6 +27,7 @@ from pytest_moe.preflight import (
     gpu_spec,
     installed_version,
     moe_tp_size,
+    plan_for,
     plan_table,
     render_plan,
     rules,
@@ -392,6 +393,20 @@ def test_a_booted_config_records_what_preflight_said(tmp_path):
     assert entry["preflight"] == {
         "rules": ["quantization-conflict", "trust-remote-code"], "prevents": ["QuantizationConflict", "TrustRemoteCode"],
         "predicted": "QuantizationConflict", "outcome": "QuantizationConflict", "right": True}
+
+
+@pytest.mark.parametrize("engine", ["sglang", "vllm"])
+def test_a_plan_reads_the_flags_a_config_passes_in_the_engines_spelling(engine):
+    flags = get_engine(engine).spec.flags  # the engine facts (engines.yaml), not the code under test
+    cfg = ServerConfig(model="Kimi", name="TP2_auto", model_path="/m", engine=engine, tp=2, ep=1, precision="fp8",
+                       quantization="fp8", moe_backend="auto", args=(flags.trust_remote_code, flags.mem_fraction, "0.55",
+                                                                     "--dtype", "bfloat16"),
+                       env=(), timeout_s=10, host="127.0.0.1", bench=BenchSpec(), known_failure=None,
+                       matrix_path="m.yaml", uses_gpus=True)
+    assert plan_for(cfg) == LaunchPlan(engine=engine, tp=2, ep=1, quantization="fp8", moe_backend="auto",
+                                       trust_remote_code=True, mem_fraction=0.55, dtype="bfloat16")
+    bare = plan_for(replace(cfg, args=()))
+    assert (bare.trust_remote_code, bare.mem_fraction, bare.dtype) == (False, None, None)
 
 
 def test_score_prints_per_rule_accuracy(tmp_path):
