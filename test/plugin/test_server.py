@@ -15,6 +15,8 @@ import pytest
 
 from pytest_moe import server as server_mod
 from pytest_moe.engines.base import Engine
+from pytest_moe.entries import Status
+from pytest_moe.gpus import GpuInfo, GpuLease
 from pytest_moe.configs import ServerConfig
 from pytest_moe.runner import CellRun, RunOptions
 from pytest_moe.server import Server, ServerError
@@ -118,6 +120,16 @@ def test_port_taken_at_bind_time_is_retried_on_another_port(tmp_path, monkeypatc
         assert "Address already in use" in (tmp_path / "logs" / "fake_TP1_auto.attempt1.log").read_text()
     finally:
         srv.stop()
+
+
+def test_an_entry_names_its_leased_gpus_and_its_own_log(tmp_path, monkeypatch):
+    monkeypatch.setattr("pytest_moe.runner.get_engine", lambda name: _engine())
+    held = [GpuInfo(4, "NVIDIA H200", None, None, None), GpuInfo(5, "NVIDIA H200", None, None, None)]
+    lease = GpuLease(None, 7, held, [], "fake::TP1_auto", 0.0)
+    cell = CellRun(_cfg(), RunOptions(matrix_path="m.yaml", results_dir=tmp_path), lease=lease, progress=print)
+    entry = cell.entry(Status.SUCCESS).to_dict()
+    assert (entry["gpu_name"], entry["gpu_count"]) == ("NVIDIA H200", 2)
+    assert entry["log_path"] == str(tmp_path / "logs" / "fake_TP1_auto.log")
 
 
 def test_secrets_in_the_log_never_reach_the_error_message_nor_the_kept_log(tmp_path, monkeypatch):
