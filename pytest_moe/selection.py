@@ -32,7 +32,7 @@ def unknown_config_ids(wanted: Iterable[str], matrix: Matrix | None) -> str | No
     return f"--moe-config {unknown[0]!r} is not a config of {where} (e.g. {', '.join(sorted(known)[:3])})"
 
 
-def decide(cfg: ServerConfig, host_gpus: list[GpuInfo], preflight: bool, nodes_offered: int = 1) -> Decision:
+def decide(cfg: ServerConfig, host_gpus: list[GpuInfo], *, preflight: bool, nodes_offered: int) -> Decision:
     """Node shortfall, then GPU shortfall per node (neither needs the model), then preflight.
 
     Preflight sees ``nodes`` copies of this host's GPUs: the nodes of one allocation are alike.

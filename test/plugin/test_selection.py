@@ -45,8 +45,8 @@ def test_a_gpu_shortfall_names_the_count_and_per_node_only_for_several_nodes(tp,
 def test_preflight_sees_the_hosts_gpus_times_the_nodes():
     # DeepSeek-V3's FP8 weights (about 671 GB) do not fit 8 x 80 GB with room for the KV cache, and do on
     # 2 nodes of 8: the same host GPUs, counted once per node.
-    one_node = decide(_cfg(8), _gpus(8), preflight=True)
+    one_node = decide(_cfg(8), _gpus(8), preflight=True, nodes_offered=1)
     assert one_node.skip_reason is not None and "predicted to fail (OOM)" in one_node.skip_reason
     assert [p.prevents for p in one_node.predicted] == ["OOM"]
     assert decide(_cfg(16, nodes=2), _gpus(8), preflight=True, nodes_offered=2).skip_reason is None
-    assert decide(_cfg(8), _gpus(8), preflight=False).skip_reason is None
+    assert decide(_cfg(8), _gpus(8), preflight=False, nodes_offered=1).skip_reason is None
