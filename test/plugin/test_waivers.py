@@ -175,6 +175,15 @@ def test_waivers_exit_zero_when_every_waiver_is_current_and_still_failing(tmp_pa
     assert f"{(date.today() - date(2026, 10, 26)).days} d" in out
 
 
+def test_a_waiver_without_its_added_date_shows_an_unknown_age(tmp_path, capsys) -> None:
+    body = _waiver(expires=date.today() + timedelta(days=30)).replace("added: 2026-10-26\n", "")
+    path = _matrix(tmp_path, {"TP1_auto": body})
+    results = _results(tmp_path, {}, {"M::TP1_auto": {"status": "xfailed", "error_type": "Crash", "last_updated": "2026-11-24T01:00:00"}})
+    assert cli.main(["waivers", "--moe-matrix", str(path), "--moe-results-dir", str(results)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("M::TP1_auto"))
+    assert row.split()[3] == "?"  # config, type, issue, age
+
+
 def test_waivers_on_a_bad_matrix_is_a_usage_error(tmp_path, capsys) -> None:
     path = _matrix(tmp_path, {"TP1_auto": "error_type: Crash\nreason: r\n"})
     assert cli.main(["waivers", "--moe-matrix", str(path)]) == 2
