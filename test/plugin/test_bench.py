@@ -180,3 +180,4 @@ def test_the_runner_records_an_impossible_stream_as_a_failure_not_a_success(tmp_
     assert "M::TP1_auto" not in successes
     entry = failures["M::TP1_auto"]
     assert entry["status"] == "failed" and "request 0 streamed 5 tokens, expected 8" in entry["error_message"]
+    assert entry["checks"]["benchmark"] == {"status": "failed"}  # the check that raised keeps its block

@@ -35,7 +35,7 @@ from pytest_moe.preflight import (
     version_notes,
 )
 from pytest_moe.entries import Status
-from pytest_moe.runner import CellRun, RunOptions
+from pytest_moe.runner import CellRun, RunOptions, crashed_worker_entry, predicted_entry
 from pytest_moe.scoring import prediction_block
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
@@ -407,6 +407,24 @@ def test_a_plan_reads_the_flags_a_config_passes_in_the_engines_spelling(engine):
                                        trust_remote_code=True, mem_fraction=0.55, dtype="bfloat16")
     bare = plan_for(replace(cfg, args=()))
     assert (bare.trust_remote_code, bare.mem_fraction, bare.dtype) == (False, None, None)
+
+
+def test_predicted_and_crashed_worker_entries_say_what_and_how_to_rerun(tmp_path):
+    cfg = ServerConfig(model="Kimi", name="TP1_auto", model_path="/m", engine="vllm", tp=1, ep=1, precision="fp8",
+                       quantization="fp8", moe_backend="auto", args=(), env=(), timeout_s=10, host="127.0.0.1",
+                       bench=BenchSpec(), known_failure=None, matrix_path="m.yaml", uses_gpus=True)
+    opts = RunOptions(matrix_path="m.yaml", results_dir=tmp_path)
+    problems = [Problem("quantization-conflict", "fp8 does not match", "QuantizationConflict"),
+                Problem("trust-remote-code", "needs remote code", "TrustRemoteCode")]
+    entry = predicted_entry(cfg, opts, problems).to_dict()
+    assert (entry["model"], entry["config"], entry["engine"], entry["status"]) == ("Kimi", "TP1_auto", "vllm", "predicted")
+    assert (entry["error_type"], entry["rule_ids"]) == ("QuantizationConflict", "quantization-conflict,trust-remote-code")
+    assert entry["error_message"] == "quantization-conflict: fp8 does not match; trust-remote-code: needs remote code"
+    assert entry["repro_command"].endswith(" --moe-no-preflight") and "Kimi::TP1_auto" in entry["repro_command"]
+    crashed = crashed_worker_entry("Kimi::TP1_auto", opts, "worker gw1 died").to_dict()
+    assert (crashed["model"], crashed["config"], crashed["status"], crashed["error_type"], crashed["error_message"]) == (
+        "Kimi", "TP1_auto", "failed", "Crash", "worker gw1 died")
+    assert crashed["log_path"] == str(tmp_path / "logs" / "Kimi_TP1_auto.log")
 
 
 def test_score_prints_per_rule_accuracy(tmp_path):
