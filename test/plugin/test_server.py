@@ -4,6 +4,7 @@ The real engines go through the same code in test_e2e_cpu.py and test_faults.py;
 timing-sensitive cases here fast and deterministic.
 """
 
+import re
 import socket
 import threading
 import time
@@ -71,9 +72,12 @@ def test_launch_timeout_tears_down_and_says_timeout(tmp_path):
 
 def test_progress_lines_carry_elapsed_time_phase_and_last_log_line(tmp_path):
     lines = []
+    t0 = time.monotonic()
     with _server(tmp_path, "--ready-after", "1.2", progress=lines.append, progress_interval_s=0.5):
-        pass
+        wall = time.monotonic() - t0
     assert lines and "waiting for readiness" in lines[0] and "s elapsed" in lines[0]
+    elapsed = [int(re.search(r"waiting for readiness, (\d+) s elapsed", line).group(1)) for line in lines]
+    assert elapsed == sorted(elapsed) and elapsed[-1] <= wall + 1  # seconds since the launch, not a clock reading
     assert "(HTTP server up, not ready yet); last log line: Application startup complete." in lines[-1]
 
 
