@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -231,6 +232,49 @@ def test_a_grandchild_that_left_the_process_group_is_still_killed(tmp_path):
         assert not psutil.pid_exists(grandchild_pid) or _gone(psutil.Process(grandchild_pid))
     finally:
         _kill_leftovers(leader, grandchild_pid)
+
+
+_ORPHANER = """
+import subprocess, sys, time
+pid_file, grandchild = sys.argv[1:]
+# a child (in our process group) that starts a grandchild (in the group too) and exits: the grandchild is
+# re-parented, so it is no longer our descendant, only a member of our group
+child = subprocess.Popen([sys.executable, "-c",
+                          "import subprocess, sys; g = subprocess.Popen([sys.executable, '-c', sys.argv[2]], "
+                          "stdout=subprocess.PIPE, text=True); g.stdout.readline(); open(sys.argv[1], 'w').write(str(g.pid))",
+                          pid_file, grandchild])
+child.wait()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("vanished_first", [False, True])
+def test_an_orphan_left_in_the_process_group_is_found_and_killed(tmp_path, monkeypatch, vanished_first):
+    """A member of the group whose parent exited is no descendant of the leader: only the group scan finds it, and it
+    goes on past a process that exits while it looks (here put first in its scan)."""
+    from pytest_moe.server import kill_tree
+
+    if vanished_first:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        scan = psutil.process_iter
+        monkeypatch.setattr(psutil, "process_iter", lambda: iter([SimpleNamespace(pid=dead.pid), *scan()]))
+
+    pid_file = tmp_path / "orphan.pid"
+    leader = subprocess.Popen([sys.executable, "-c", _ORPHANER, str(pid_file), _GRANDCHILD], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    orphan_pid = None
+    try:
+        assert leader.stdout.readline().strip() == "ready"
+        orphan_pid = int(pid_file.read_text())
+        assert orphan_pid not in {p.pid for p in _tree(leader.pid)} and os.getpgid(orphan_pid) == leader.pid
+        teardown = kill_tree(leader.pid, GRACE_S)
+        leader.wait(timeout=30)
+        assert orphan_pid in teardown.pids and teardown.survivors == []
+        assert not psutil.pid_exists(orphan_pid) or _gone(psutil.Process(orphan_pid))
+    finally:
+        _kill_leftovers(leader, orphan_pid)
 
 
 def test_a_zombie_or_a_vanished_process_is_not_live():
