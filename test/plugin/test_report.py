@@ -4,7 +4,7 @@ import os
 import shlex
 
 from pytest_moe.redact import redact
-from pytest_moe.report import failure_table, repro_command, shell_line, success_tables, summary_markdown
+from pytest_moe.report import failure_table, failure_text, repro_command, shell_line, success_tables, summary_markdown
 
 SEED_ROW = {"model": "Qwen3-235B", "config": "TP8_EP2_auto", "batch_size": 1, "input_len": 4096, "latency_s": 7.59,
             "input_throughput_tok_per_s": 15933.87, "output_throughput_tok_per_s": 69.81, "itl_ms": 14.32,
@@ -81,3 +81,12 @@ def test_checks_table_shows_verdict_figures_and_bare_failures():
     text = success_tables([{"model": "M", "config": "TP8_auto", "checks": checks}])
     assert "| TP8_auto | 1 | 4096 | 7.59 |" in text and "| TP8_auto | 8 | 4096 | 9.50 |" in text
     assert "| TP8_auto | failed: 0.750 / 0.680 / 0.88, 200 | failed |" in text
+
+
+def test_a_failure_that_never_started_a_server_says_so():
+    entry = {"model": "M", "config": "TP1_auto", "error_type": "InvalidArgument", "error_message": "bad --tp",
+             "repro_command": "pytest --moe-config 'M::TP1_auto'", "server_command": None, "log_path": "logs/M_TP1_auto.log"}
+    assert failure_text(entry) == ("M::TP1_auto failed: InvalidArgument: bad --tp\n"
+                                   "reproduce: pytest --moe-config 'M::TP1_auto'\n"
+                                   "server command: (not started)\n"
+                                   "server log: logs/M_TP1_auto.log\n")

@@ -134,6 +134,7 @@ def test_an_entry_names_its_leased_gpus_and_its_own_log(tmp_path, monkeypatch):
     entry = cell.entry(Status.SUCCESS).to_dict()
     assert (entry["gpu_name"], entry["gpu_count"]) == ("NVIDIA H200", 2)
     assert entry["log_path"] == str(tmp_path / "logs" / "fake_TP1_auto.log")
+    assert "fake::TP1_auto" in entry["repro_command"] and "m.yaml" in entry["repro_command"]
 
 
 def test_secrets_in_the_log_never_reach_the_error_message_nor_the_kept_log(tmp_path, monkeypatch):
