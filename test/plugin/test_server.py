@@ -132,7 +132,7 @@ def test_an_entry_names_its_leased_gpus_and_its_own_log(tmp_path, monkeypatch):
     lease = GpuLease(None, 7, held, [], "fake::TP1_auto", 0.0)
     cell = CellRun(_cfg(), RunOptions(matrix_path="m.yaml", results_dir=tmp_path), lease=lease, progress=print)
     entry = cell.entry(Status.SUCCESS).to_dict()
-    assert (entry["gpu_name"], entry["gpu_count"]) == ("NVIDIA H200", 2)
+    assert (entry["gpu_name"], entry["gpu_count"], entry["engine"]) == ("NVIDIA H200", 2, _cfg().engine)
     assert entry["log_path"] == str(tmp_path / "logs" / "fake_TP1_auto.log")
     assert "fake::TP1_auto" in entry["repro_command"] and "m.yaml" in entry["repro_command"]
 
