@@ -5,7 +5,7 @@
 # mutmut (configured in pyproject.toml's [tool.mutmut]) copies the package into mutants/, rewrites each
 # function of the core modules into mutated variants, records which tests reach which function, and
 # runs only those tests against each variant.  Prints the killed share per module and every survivor
-# with its diff.  Slow (most of a day for all modules on 2 cores; about an hour for a 10 % sample): not part of
+# with its diff.  Slow (most of a day for all modules on 2 cores; one to two hours for a 10 % sample): not part of
 # CI; its figure goes in reports.
 #
 #   bash scripts/bench_mutation.sh                 # all core modules
@@ -70,7 +70,8 @@ if os.environ.get("MUTANT_UNDER_TEST") == "stats":
 PY
 export PYTHONPATH="$PWD/mutants:$site"
 # In a session of its own: a mutant of the teardown code (server.kill_tree, _members, _signal_group) can signal
-# the process group or tree of whoever runs it, and once ended the shell that ran this script.
+# the process group or tree of whoever runs it, and once ended the shell that ran this script.  As root a mutant
+# of the process-tree walk (_members) can signal any process on the machine: run this as an unprivileged user.
 jobs="${MUTATION_JOBS:-$(nproc)}"
 if [[ -n "${MUTATION_SAMPLE:-}" ]]; then
     # A seeded, stratified sample (scripts/mutation_report.py says why, and why it runs the sample itself): generate
