@@ -3,8 +3,8 @@
 Why a sample: the whole sweep over the core modules is about 5 700 mutants, and a mutant reached by the pytester
 or stand-in-engine tests costs 8-60 s, so all of them take most of a day on 2 cores.  A seeded random sample drawn
 from each module in proportion to its size (stratified) gives an unbiased estimate of each module's and the overall
-killed share, with its 95 % interval, in one to two hours (594 mutants: about 100 minutes); `draw` makes it, `report` prints it.  Without a sample file
-`report` counts every mutant mutmut has a verdict for.
+killed share, with its 95 % interval, in one to two hours (594 mutants: about 100 minutes); `draw` makes it,
+`report` prints it.  Without a sample file `report` counts every mutant mutmut has a verdict for.
 
     python scripts/mutation_report.py draw RESULTS FRACTION SEED MODULE...   # prints the sampled names
     python scripts/mutation_report.py run SAMPLE JOBS > VERDICTS              # run them (from mutants/'s parent)
@@ -99,7 +99,8 @@ def run_sample(sample: list[str], jobs: int) -> None:
         function = re.sub(r"__mutmut_\d+$", "", name)
         # fastest first, as mutmut orders them: most mutants die in the first few tests (the suite runs in any order
         # under xdist, so no test leans on another having run first)
-        tests = sorted(stats["tests_by_mangled_function_name"].get(function, ()), key=lambda t: (durations.get(t, 0), t))
+        reaching = stats["tests_by_mangled_function_name"].get(function, ())
+        tests = sorted(reaching, key=lambda t: (durations.get(t, 0), t))
         if not tests:
             return "no tests"
         # a mutant in an infinite loop runs past three times its tests' time: a timeout, which counts as killed.  A
