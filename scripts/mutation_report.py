@@ -138,7 +138,8 @@ def report(verdicts: dict[str, tuple[str, str]], sample: list[str] | None, wante
         return re.match(r"pytest_moe\.((?:plugins\.)?\w+)\.x", name).group(1)
 
     # a sampled mutant with no verdict yet (the run still going, or stopped) counts as not run
-    chosen = {name: verdicts.get(name, (module_of(name), "not checked")) for name in sample} if sample else verdicts
+    chosen = ({name: verdicts.get(name, (module_of(name), "not checked")) for name in sample if module_of(name) in wanted}
+              if sample else verdicts)
     measured = {name: v for name, v in chosen.items() if v[1] != "not checked"}
     if len(measured) < len(chosen):
         print(f"{len(chosen) - len(measured)} mutants not run yet: left out of every figure below\n")
