@@ -20,9 +20,12 @@ time limit a timeout.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import random
 import re
+import signal
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -32,6 +35,8 @@ LINE = re.compile(r"\s*(pytest_moe\.((?:plugins\.)?\w+)\.x\S+): (.+)$")
 KILLED = ("killed", "timeout")
 #: The longest one mutant's tests may run (see run_sample).
 CAP_S = 240
+#: Set in each pytest run's environment, so whatever it leaves running can be found (``_kill_leftovers``).
+RUN_TAG = "PYTEST_MOE_MUTATION_RUN"
 
 
 def killed(status: str) -> bool:
@@ -66,8 +71,6 @@ def draw(verdicts: dict[str, tuple[str, str]], fraction: float, seed: int) -> li
 def run_sample(sample: list[str], jobs: int) -> None:
     """Each mutant's verdict as a `name: status` line (the format `mutmut results` prints), in sample order."""
     import json
-    import os
-    import signal
     from concurrent.futures import ThreadPoolExecutor
 
     stats = json.loads(Path("mutants/mutmut-stats.json").read_text())
@@ -77,11 +80,15 @@ def run_sample(sample: list[str], jobs: int) -> None:
     # bytecode is the same for every mutant (MUTANT_UNDER_TEST picks one at call time), so let Python cache it
     env.pop("PYTHONDONTWRITEBYTECODE", None)
 
+    runs = itertools.count()
+
     def pytest(mutant: str, tests: list[str], limit: float) -> int | None:
         """pytest's exit status with ``mutant`` switched on ("" for none), or None past ``limit`` seconds."""
+        tag = f"{os.getpid()}-{next(runs)}"
         command = [sys.executable, "-m", "pytest", "-x", "-q", "--tb=no", "-p", "no:cacheprovider", "-p", "no:randomly",
                    "-p", "no:xdist", *tests]
-        with subprocess.Popen(command, cwd="mutants", env=dict(env, MUTANT_UNDER_TEST=mutant), start_new_session=True,
+        with subprocess.Popen(command, cwd="mutants", env=dict(env, MUTANT_UNDER_TEST=mutant, **{RUN_TAG: tag}),
+                              start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
             try:
                 return process.wait(limit)
@@ -94,6 +101,7 @@ def run_sample(sample: list[str], jobs: int) -> None:
                 except ProcessLookupError:
                     pass
                 process.wait()
+                _kill_leftovers(tag)
 
     def verdict(name: str) -> str:
         function = re.sub(r"__mutmut_\d+$", "", name)
@@ -120,6 +128,20 @@ def run_sample(sample: list[str], jobs: int) -> None:
     with ThreadPoolExecutor(jobs) as pool:
         for name, status in zip(sample, pool.map(verdict, sample)):
             print(f"    {name}: {status}", flush=True)
+
+
+def _kill_leftovers(tag: str) -> None:
+    """Servers a run started in sessions of their own outlive its session when a teardown mutant breaks the cleanup
+    (seen: fake vLLM servers left by `_members` mutants, which failed the next end-to-end run's "no vLLM server is
+    running" guard); they carry the run's tag in their environment."""
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(RUN_TAG) == tag:
+                proc.kill()
+        except psutil.Error:
+            continue
 
 
 def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
