@@ -150,6 +150,27 @@ def _kill_leftovers(leader: subprocess.Popen, *pids: int | None) -> None:
     leader.wait()
 
 
+def _assert_kill_tree_kills(pid_file: Path, script: str, *args: str, check_first=None) -> None:
+    """Run ``script`` (it writes a pid to ``pid_file``, then prints "ready") as a leader in a session of its own, and
+    check that ``kill_tree`` on the leader kills that process and leaves nothing behind."""
+    from pytest_moe.server import kill_tree
+
+    leader = subprocess.Popen([sys.executable, "-c", script, str(pid_file), *args], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    pid = None
+    try:
+        assert leader.stdout.readline().strip() == "ready"
+        pid = int(pid_file.read_text())
+        if check_first:
+            check_first(leader, pid)
+        teardown = kill_tree(leader.pid, GRACE_S)
+        leader.wait(timeout=30)
+        assert pid in teardown.pids and teardown.survivors == []
+        assert not psutil.pid_exists(pid) or _gone(psutil.Process(pid))
+    finally:
+        _kill_leftovers(leader, pid)
+
+
 _RESPAWNER = """
 import signal, subprocess, sys, time
 pid_file = sys.argv[1]
@@ -217,21 +238,7 @@ time.sleep(600)
 def test_a_grandchild_that_left_the_process_group_is_still_killed(tmp_path):
     """Descendants are found through the whole tree, not only the leader's children: a grandchild in a session of
     its own is out of reach of the group signal and, once its parents are gone, of the tree."""
-    from pytest_moe.server import kill_tree
-
-    pid_file = tmp_path / "grandchild.pid"
-    leader = subprocess.Popen([sys.executable, "-c", _GRANDPARENT, str(pid_file), _CHILD, _GRANDCHILD],
-                              stdout=subprocess.PIPE, text=True, start_new_session=True)
-    grandchild_pid = None
-    try:
-        assert leader.stdout.readline().strip() == "ready"
-        grandchild_pid = int(pid_file.read_text())
-        teardown = kill_tree(leader.pid, GRACE_S)
-        leader.wait(timeout=30)
-        assert grandchild_pid in teardown.pids and teardown.survivors == []
-        assert not psutil.pid_exists(grandchild_pid) or _gone(psutil.Process(grandchild_pid))
-    finally:
-        _kill_leftovers(leader, grandchild_pid)
+    _assert_kill_tree_kills(tmp_path / "grandchild.pid", _GRANDPARENT, _CHILD, _GRANDCHILD)
 
 
 _ORPHANER = """
@@ -253,28 +260,16 @@ time.sleep(600)
 def test_an_orphan_left_in_the_process_group_is_found_and_killed(tmp_path, monkeypatch, vanished_first):
     """A member of the group whose parent exited is no descendant of the leader: only the group scan finds it, and it
     goes on past a process that exits while it looks (here put first in its scan)."""
-    from pytest_moe.server import kill_tree
-
     if vanished_first:
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()
         scan = psutil.process_iter
         monkeypatch.setattr(psutil, "process_iter", lambda: iter([SimpleNamespace(pid=dead.pid), *scan()]))
 
-    pid_file = tmp_path / "orphan.pid"
-    leader = subprocess.Popen([sys.executable, "-c", _ORPHANER, str(pid_file), _GRANDCHILD], stdout=subprocess.PIPE,
-                              text=True, start_new_session=True)
-    orphan_pid = None
-    try:
-        assert leader.stdout.readline().strip() == "ready"
-        orphan_pid = int(pid_file.read_text())
+    def not_a_descendant(leader: subprocess.Popen, orphan_pid: int) -> None:
         assert orphan_pid not in {p.pid for p in _tree(leader.pid)} and os.getpgid(orphan_pid) == leader.pid
-        teardown = kill_tree(leader.pid, GRACE_S)
-        leader.wait(timeout=30)
-        assert orphan_pid in teardown.pids and teardown.survivors == []
-        assert not psutil.pid_exists(orphan_pid) or _gone(psutil.Process(orphan_pid))
-    finally:
-        _kill_leftovers(leader, orphan_pid)
+
+    _assert_kill_tree_kills(tmp_path / "orphan.pid", _ORPHANER, _GRANDCHILD, check_first=not_a_descendant)
 
 
 def test_a_zombie_or_a_vanished_process_is_not_live():
