@@ -221,3 +221,28 @@ def test_a_bad_server_timeout_from_the_environment_is_a_usage_error(pytester, fa
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*$PYTEST_MOE_SERVER_TIMEOUT: server timeout 'soon' is not a finite number of seconds*"])
     assert "Traceback" not in result.stderr.str() + result.stdout.str()
+
+
+SLOW_START = """\
+defaults: {engine: fake, timeout_s: 30, bench: {batch_size: 1, input_len: 8, output_len: 4, warmup: 0}}
+models:
+  Slow: {path: /m, tp: [1], args: [--ready-after, "1.2"]}
+"""
+
+
+def test_progress_lines_reach_the_terminal_while_output_is_captured(pytester, fake_engine):
+    outcome, successes, _, _ = _run(pytester, SLOW_START, "--moe-progress-interval", "0.3", "-m", "benchmark")
+    outcome.assert_outcomes(passed=1)
+    assert "[pytest-moe] Slow::TP1_auto: waiting for readiness" in outcome.stdout.str()  # no -s given
+
+
+def test_without_a_terminal_reporter_progress_lines_are_dropped_and_the_run_goes_on(pytester, fake_engine):
+    pytester.makefile(".yaml", matrix=SLOW_START)
+    pytester.makepyfile(test_nightly=NIGHTLY)
+    results = pytester.path / "results"
+    outcome = pytester.runpytest("--moe-matrix", "matrix.yaml", "--moe-results-dir", str(results), "--moe-cooldown", "0",
+                                 "--moe-progress-interval", "0.3", "-m", "benchmark", "-p", "no:cacheprovider",
+                                 "-p", "no:terminal")
+    assert outcome.ret == 0
+    assert set(json.loads((results / "success_results.json").read_text())) == {"Slow::TP1_auto"}
+    assert "waiting for readiness" not in outcome.stdout.str()

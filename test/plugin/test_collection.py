@@ -188,3 +188,26 @@ models:
     assert entry["repro_command"].endswith("--moe-config Qwen3-235B::TP8_auto --moe-no-preflight")
     forced = pytester.runpytest("-s", "--moe-no-preflight", "--moe-results-dir", "res2", "-p", "no:cacheprovider")
     assert set(_ids(forced)) == {"Qwen3-235B::TP8_auto", "Qwen3-235B::TP8_EP2_auto"} and forced.ret == 0
+
+
+def test_each_concern_is_a_plugin_under_its_name_and_history_reads_the_loaded_matrix(pytester):
+    """The names are how a user turns one concern off (``-p no:moe-history``) and how fixtures find the recorder;
+    the history plugin judges with the thresholds of the matrix the collection loaded, defaults without one."""
+    from pytest_moe.configs import HistorySettings
+    from pytest_moe.history.plugin import HistoryPlugin
+    from pytest_moe.kernels.plugin import KernelPlugin
+    from pytest_moe.plugins.collection import MoECollection
+    from pytest_moe.plugins.recording import MoERecorder
+    from pytest_moe.plugins.summary import MoESummary
+    from pytest_moe.shardplugin import ShardPlugin
+
+    pytester.makefile(".yaml", model_matrix="history: {noise_k: 4.5}\n" + MATRIX)
+    config = pytester.parseconfigure()
+    kinds = {"moe-collection": MoECollection, "moe-recorder": MoERecorder, "moe-summary": MoESummary,
+             "moe-kernel": KernelPlugin, "moe-history": HistoryPlugin, "moe-shard": ShardPlugin}
+    assert {name: type(config.pluginmanager.get_plugin(name)) for name in kinds} == kinds
+    history = config.pluginmanager.get_plugin("moe-history")
+    assert history.settings == HistorySettings()  # nothing loaded yet
+    assert config.pluginmanager.get_plugin("moe-collection").matrix is not None
+    assert history.settings.noise_k == 4.5
+    assert pytester.parseconfigure("-p", "no:moe-history").pluginmanager.get_plugin("moe-history") is None

@@ -2,6 +2,7 @@
 matrix, and the two-member launcher with the stand-in engine (readiness on the head, death anywhere, teardown).
 """
 
+import dataclasses
 import os
 import re
 import signal
@@ -253,4 +254,46 @@ def test_a_member_that_cannot_be_launched_still_stops_the_head(tmp_path, monkeyp
     with pytest.raises(FileNotFoundError):
         srv.__enter__()
     assert srv.teardown is not None and srv.members[0].proc.poll() is not None
+    assert _wait_gone(str(tmp_path / "model")) == []
+
+
+@pytest.mark.parametrize("allocation, hosts", [
+    (None, None),                        # no Slurm allocation: both members run here
+    (["n1"], None),                      # an allocation of fewer nodes than the config spans: here too
+    (["n1", "n2", "n3"], ["n1", "n2"]),  # enough nodes: the config's first two, in the allocation's order
+])
+def test_a_cell_places_a_two_node_server_on_its_allocations_first_nodes(tmp_path, monkeypatch, allocation, hosts):
+    from pytest_moe import runner
+
+    made = []
+
+    class Recorder:
+        def __init__(self, engine, cfg, **kwargs):
+            made.append(kwargs)
+
+        def __enter__(self):
+            return self
+
+    monkeypatch.setattr(runner, "allocation_hosts", lambda: allocation)
+    monkeypatch.setattr(runner, "MultiNodeServer", Recorder)
+    monkeypatch.setattr(runner, "get_engine", lambda name: Engine(EngineSpec.from_yaml("fake", FAKE_ENGINE)))
+    opts = runner.RunOptions(matrix_path="m.yaml", results_dir=tmp_path)
+    runner.CellRun(_cfg("fake", tp=2, nodes=2), opts, lease=None, progress=print).start_server()
+    assert len(made) == 1 and made[0]["hosts"] == hosts
+
+
+def test_a_cell_of_two_nodes_outside_an_allocation_serves_from_two_local_members(tmp_path, monkeypatch):
+    from pytest_moe import runner
+
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    monkeypatch.setattr(runner, "get_engine", lambda name: Engine(EngineSpec.from_yaml("fake", FAKE_ENGINE)))
+    cfg = dataclasses.replace(_cfg("fake", tp=2, nodes=2), model_path=str(tmp_path / "model"))
+    cell = runner.CellRun(cfg, runner.RunOptions(matrix_path="m.yaml", results_dir=tmp_path, cooldown_s=0, grace_s=2),
+                          lease=None, progress=print)
+    try:
+        srv = cell.start_server()
+        assert isinstance(srv, MultiNodeServer) and [m.proc.poll() for m in srv.members] == [None, None]
+    finally:
+        cell.stop()
+    assert "--nnodes 2 --node-rank 1" in (tmp_path / "logs" / "m_TP2_N2_auto.node1.log").read_text()
     assert _wait_gone(str(tmp_path / "model")) == []

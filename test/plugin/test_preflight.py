@@ -17,6 +17,7 @@ from pytest_moe.configs import BenchSpec, ServerConfig
 from pytest_moe.datafiles import load_yaml
 from pytest_moe.engines import get_engine
 from pytest_moe.errors import Classification
+from pytest_moe.gpus import GpuInfo
 from pytest_moe.models import inspect_model
 from pytest_moe.preflight import (
     ERROR_TYPES,
@@ -25,6 +26,7 @@ from pytest_moe.preflight import (
     check,
     flags_of,
     gpu_spec,
+    host_gpu,
     installed_version,
     moe_tp_size,
     plan_for,
@@ -413,18 +415,19 @@ def test_predicted_and_crashed_worker_entries_say_what_and_how_to_rerun(tmp_path
     cfg = ServerConfig(model="Kimi", name="TP1_auto", model_path="/m", engine="vllm", tp=1, ep=1, precision="fp8",
                        quantization="fp8", moe_backend="auto", args=(), env=(), timeout_s=10, host="127.0.0.1",
                        bench=BenchSpec(), known_failure=None, matrix_path="m.yaml", uses_gpus=True)
-    opts = RunOptions(matrix_path="m.yaml", results_dir=tmp_path)
+    opts = RunOptions(matrix_path="m.yaml", results_dir=tmp_path, test_path="suites/nightly")
     problems = [Problem("quantization-conflict", "fp8 does not match", "QuantizationConflict"),
                 Problem("trust-remote-code", "needs remote code", "TrustRemoteCode")]
     entry = predicted_entry(cfg, opts, problems).to_dict()
     assert (entry["model"], entry["config"], entry["engine"], entry["status"]) == ("Kimi", "TP1_auto", "vllm", "predicted")
     assert (entry["error_type"], entry["rule_ids"]) == ("QuantizationConflict", "quantization-conflict,trust-remote-code")
     assert entry["error_message"] == "quantization-conflict: fp8 does not match; trust-remote-code: needs remote code"
-    assert entry["repro_command"].endswith(" --moe-no-preflight") and "Kimi::TP1_auto" in entry["repro_command"]
+    assert entry["repro_command"] == "pytest suites/nightly --moe-matrix m.yaml --moe-config Kimi::TP1_auto --moe-no-preflight"
     crashed = crashed_worker_entry("Kimi::TP1_auto", opts, "worker gw1 died").to_dict()
     assert (crashed["model"], crashed["config"], crashed["status"], crashed["error_type"], crashed["error_message"]) == (
         "Kimi", "TP1_auto", "failed", "Crash", "worker gw1 died")
     assert crashed["log_path"] == str(tmp_path / "logs" / "Kimi_TP1_auto.log")
+    assert crashed["repro_command"] == "pytest suites/nightly --moe-matrix m.yaml --moe-config Kimi::TP1_auto"
 
 
 def test_score_prints_per_rule_accuracy(tmp_path):
@@ -450,3 +453,61 @@ def test_score_prints_per_rule_accuracy(tmp_path):
     assert "| `fp8-block-alignment` | QuantBlockAlignment | 2 | 1 | 50% |" in lines
     assert "booted with no rule firing: 2 (failed: OOM x1)" in lines
     assert "skipped on a prediction, never booted (not scored): 1" in lines
+
+
+GIB = 1024**3
+
+
+def test_rule_messages_render_every_detail_worked_out_by_hand():
+    """Whole messages, each figure derived here from the model and the GPU, not read back from preflight."""
+    qwen = model("qwen3-30b-a3b.json")
+    # 60 experts over 8 ranks leave a remainder; EP 1, 2 and 4 divide both TP 8 and 60
+    [ep] = check(replace(qwen, num_experts=60), LaunchPlan(tp=8, ep=8), None)
+    assert ep.message == ("EP 8 is not valid for TP 8 with 60 experts on sglang (60 experts do not split evenly over "
+                          "8 ranks): use EP in [1, 2, 4].")
+    [ep3] = check(qwen, LaunchPlan(tp=8, ep=3), None)
+    assert ep3.message == "EP 3 is not valid for TP 8 with 128 experts on sglang (EP must divide TP): use EP in [1, 2, 4, 8]."
+    # B200 is SM 10.0; 128x128 FP8 block-scale runs on SM 9.0 only
+    [b200] = check(model("deepseek-v3.json"), LaunchPlan(engine="vllm", tp=8, ep=8, moe_backend="flashinfer_cutlass"),
+                   gpu_spec("B200", 8))
+    assert b200.message == ("vLLM's flashinfer_cutlass MoE experts run fp8-block weights on compute capability 9.0 to "
+                            "9.0 and B200 is 10.0: leave the MoE backend on auto here.")
+    # 1152 / 8 = 144 columns; gcd(128, 128, 144, 4096) = 16
+    odd = replace(model("qwen3-235b-a22b-instruct-2507-fp8.json"), moe_intermediate_size=1152)
+    [block] = check(odd, LaunchPlan(engine="vllm", tp=8), None)
+    assert block.message == (
+        "qwen3-235b-a22b-instruct-2507-fp8 is FP8 block-quantized (128x128) and each rank would hold 144 expert "
+        "columns; vLLM can only refine the block to gcd(block, 144, hidden 4096) = 16, below 32, and cannot pad this "
+        "shard: use --enable-expert-parallel (moe_tp_size 1).")
+
+
+def test_online_fp8_halves_the_weights_and_the_fix_can_name_tp16():
+    qwen, h100 = model("qwen3-30b-a3b.json"), gpu_spec("H100", 1)
+    budget_gib = 0.92 * h100.memory_bytes / GIB  # vLLM's default fraction
+    big = replace(qwen, weight_bytes=130 * GIB)  # a 16-bit checkpoint
+    assert 130 + 4 > budget_gib >= 130 / 2 + 4  # too big as it is, fits once FP8 halves it (4 GiB KV floor)
+    assert ids(check(big, LaunchPlan(engine="vllm", tp=1), h100)) == ["weights-fit-memory"]
+    assert check(big, LaunchPlan(engine="vllm", tp=1, quantization="fp8"), h100) == []
+    h200 = gpu_spec("H200", 8)
+    huge = replace(qwen, weight_bytes=1500 * GIB)
+    assert 1500 / 8 + 4 > 0.92 * h200.memory_bytes / GIB >= 1500 / 16 + 4  # TP 16 is the first TP that fits
+    [oom] = check(huge, LaunchPlan(engine="vllm", tp=8), h200)
+    assert oom.message.endswith("it needs --tensor-parallel-size 16, more than the 8 GPUs here.")
+    assert "187.5 GiB of weights per GPU at TP 8 (1611 GB estimated / 8)" in oom.message  # 1500 GiB = 1611 GB
+
+
+def test_a_block_scale_other_than_128x128_gets_no_cutlass_prediction():
+    """vLLM's FlashInfer CUTLASS knows 128x128 block-scale FP8 and per-tensor FP8; another block is neither, so
+    preflight predicts nothing rather than judging it as per-tensor (which an A100, SM 8.0, would fail)."""
+    deepseek = model("deepseek-v3.json")
+    plan = LaunchPlan(engine="vllm", tp=8, ep=8, moe_backend="flashinfer_cutlass")
+    a100 = gpu_spec("A100", 8)
+    assert "flashinfer-cutlass-scheme" in ids(check(deepseek, plan, a100))
+    other = replace(deepseek, quantization=replace(deepseek.quantization, weight_block_size=(64, 64)))
+    assert "flashinfer-cutlass-scheme" not in ids(check(other, plan, a100))
+
+
+def test_the_host_gpu_of_a_one_gpu_host_is_its_only_gpu():
+    spec = host_gpu([GpuInfo(0, "NVIDIA H100 80GB HBM3", None, None, None)])
+    assert (spec.name, spec.count, spec.compute_capability) == ("H100", 1, (9, 0))
+    assert host_gpu([]) is None and host_gpu([GpuInfo(0, "Quadro Imaginary 9000", None, None, None)]) is None

@@ -4,6 +4,7 @@ The real engines go through the same code in test_e2e_cpu.py and test_faults.py;
 timing-sensitive cases here fast and deterministic.
 """
 
+import os
 import re
 import socket
 import threading
@@ -17,9 +18,9 @@ import pytest
 from pytest_moe import server as server_mod
 from pytest_moe.engines.base import Engine
 from pytest_moe.entries import Status
-from pytest_moe.gpus import GpuInfo, GpuLease
+from pytest_moe.gpus import GpuInfo, GpuLease, GpuLeaser
 from pytest_moe.configs import ServerConfig
-from pytest_moe.runner import CellRun, RunOptions
+from pytest_moe.runner import CellPool, CellRun, RunOptions
 from pytest_moe.server import Server, ServerError
 
 from fakes.standin import fake_config, fake_engine
@@ -60,6 +61,18 @@ def test_a_server_that_exits_before_ready_is_noticed_within_a_second_even_with_e
         srv.__enter__()
     assert srv.noticed_exit_at - t0 < 0.3 + 1.0 + 1.0  # exit after 0.3 s + interpreter start; noticed within a poll
     assert "fake engine exiting before it was ready" in info.value.log_tail  # the tail of its log is reported
+    assert info.value.log_path == tmp_path / "s.log"
+
+
+def test_a_server_makes_its_log_folders_and_a_janitor_watches_it_until_it_stops(tmp_path):
+    log = tmp_path / "results" / "logs" / "s.log"
+    srv = Server(_engine(), _cfg(), model_path="/m", served_name="ours", log_path=log, timeout_s=30, grace_s=2)
+    with srv:
+        janitors = [p for p in psutil.Process().children() if "pytest_moe.janitor" in " ".join(p.cmdline())]
+        assert len(janitors) == 1 and janitors[0].status() != psutil.STATUS_ZOMBIE
+        assert janitors[0].cmdline()[-3:] == [str(os.getpid()), str(srv.proc.pid), "2"]
+        assert "fake engine starting" in log.read_text()
+    janitors[0].wait(10)  # its server gone, the janitor ends too
 
 
 def test_launch_timeout_tears_down_and_says_timeout(tmp_path):
@@ -124,6 +137,52 @@ def test_port_taken_at_bind_time_is_retried_on_another_port(tmp_path, monkeypatc
         assert "Address already in use" in (tmp_path / "logs" / "fake_TP1_auto.attempt1.log").read_text()
     finally:
         srv.stop()
+
+
+def test_a_cells_server_runs_on_its_lease_holds_its_locks_and_reports_its_wait(tmp_path, monkeypatch):
+    """What the cell hands its server, seen from the server process: the leased GPUs in its environment, the
+    lease's lock files open in it (so the lease outlives a crashed worker), progress while it loads; and a
+    fresh log, not the last run's."""
+    monkeypatch.setattr("pytest_moe.runner.get_engine", lambda name: _engine("--ready-after", "1.0"))
+    leaser = GpuLeaser(tmp_path / "leases", gpu_indices=[3, 5, 6])
+    lease = leaser.acquire(2, config_id="fake::TP1_auto")
+    lines: list[str] = []
+    opts = RunOptions(matrix_path="m.yaml", results_dir=tmp_path / "res", profile=True, progress_interval_s=0.2,
+                      cooldown_s=0, grace_s=2)
+    cell = CellRun(_cfg(), opts, lease=lease, progress=lines.append)
+    cell.log_path.parent.mkdir(parents=True)
+    cell.log_path.write_text("STALE LINE from last night\n")
+    srv = cell.start_server()
+    try:
+        proc = psutil.Process(srv.proc.pid)
+        env = proc.environ()
+        assert env["CUDA_VISIBLE_DEVICES"] == ",".join(str(i) for i in lease.indices)
+        assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        assert {f"gpu-{i}.lock" for i in lease.indices} <= {Path(f.path).name for f in proc.open_files()}
+        assert srv.profile_dir == tmp_path / "res" / "traces" / "fake" / "TP1_auto" / "raw"
+        assert any(line.startswith("[pytest-moe] fake::TP1_auto: waiting for readiness") for line in lines)
+        assert "STALE LINE" not in cell.log_path.read_text()
+    finally:
+        cell.stop()
+    assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    with leaser.acquire(3, timeout_s=2, config_id="next") as everything:  # stop gave the two GPUs back
+        assert sorted(everything.indices) == [3, 5, 6]
+
+
+def test_a_pools_cell_reports_its_servers_wait_to_the_pools_progress(tmp_path, monkeypatch):
+    monkeypatch.setattr("pytest_moe.runner.get_engine", lambda name: _engine("--ready-after", "1.0"))
+    lines: list[str] = []
+    pool = CellPool(RunOptions(matrix_path="m.yaml", results_dir=tmp_path, progress_interval_s=0.2, cooldown_s=0,
+                               grace_s=2), lines.append)
+    monkeypatch.setattr("pytest_moe.runner.gpus.GpuLeaser", lambda: GpuLeaser(tmp_path / "leases", gpu_indices=[7]))
+    cell = pool.get(_cfg())
+    assert pool.get(_cfg()) is cell and cell.lease.indices == (7,)  # leased once, on the first ask
+    try:
+        cell.start_server()
+    finally:
+        pool.close_all()
+    assert any(line.startswith("[pytest-moe] fake::TP1_auto: waiting for readiness") for line in lines)
+    assert pool.cells == {} and not cell.server.alive() and cell.lease.released
 
 
 def test_an_entry_names_its_leased_gpus_and_its_own_log(tmp_path, monkeypatch):
