@@ -181,3 +181,72 @@ def test_the_runner_records_an_impossible_stream_as_a_failure_not_a_success(tmp_
     entry = failures["M::TP1_auto"]
     assert entry["status"] == "failed" and "request 0 streamed 5 tokens, expected 8" in entry["error_message"]
     assert entry["checks"]["benchmark"] == {"status": "failed"}  # the check that raised keeps its block
+
+
+class _Lines:
+    """An HTTP server that answers every POST with these raw stream lines, then, with ``stall``, goes silent."""
+
+    def __init__(self, lines: list[bytes], stall: bool = False):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        released = self.released = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for line in lines:
+                    self.wfile.write(line + b"\n\n")
+                self.wfile.flush()
+                if stall:
+                    released.wait(30)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.released.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _chunk(**choice) -> bytes:
+    import json
+
+    return b"data: " + json.dumps({"choices": [choice]}).encode()
+
+
+def test_a_stream_that_goes_silent_fails_after_the_read_timeout():
+    import time
+
+    with _Lines([_chunk(index=0, token_ids=[5])], stall=True) as url:
+        t0 = time.monotonic()
+        with pytest.raises(BenchmarkError, match=r"^request to .* failed: .*[Rr]ead timed out"):
+            stream_completion(url, "m", [[1]], 4, timeout_s=0.5)
+        assert time.monotonic() - t0 < 10
+
+
+def test_a_line_that_is_not_json_is_quoted_up_to_200_bytes():
+    junk = b"data: " + b"x" * 300
+    with _Lines([junk]) as url:
+        with pytest.raises(BenchmarkError) as info:
+            stream_completion(url, "m", [[1]], 4)
+    assert str(info.value) == f"{url}/v1/completions streamed a line that is not JSON: {junk[:200]!r}"
+
+
+def test_choices_without_an_index_are_request_0_and_a_one_chunk_request_has_no_later_chunk():
+    """An engine may leave ``index`` out for a single prompt (the OpenAI schema's default is 0)."""
+    with _Lines([_chunk(token_ids=[5, 6, 7]), b"data: [DONE]"]) as url:
+        timing = stream_completion(url, "m", [[1]], 3, clock=ticking_clock())
+    assert (timing.tokens, timing.first_chunk_tokens, timing.largest_later_chunk) == ((3,), (3,), (0,))
+    assert timing.first_token_s == (1.0,) and timing.latency_s == 2.0  # readings: start 0, the chunk 1, the end 2

@@ -38,9 +38,11 @@ class SmokeRun:
 
 
 def _vllm_processes():
+    """vLLM servers of this user: what an earlier run of ours could have left (another user's, such as a mutation run
+    under its own account, neither holds our ports nor is ours to clean up)."""
     found = []
-    for proc in psutil.process_iter(["name", "cmdline", "status"]):
-        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+    for proc in psutil.process_iter(["name", "cmdline", "status", "uids"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["uids"].real != os.getuid():
             continue
         cmd = " ".join(proc.info["cmdline"] or [])
         if "vllm.entrypoints" in cmd or (proc.info["name"] or "").startswith("VLLM::"):

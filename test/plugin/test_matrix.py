@@ -145,3 +145,46 @@ models:
     assert cfgs["M::TP8_EP2_auto"].args == ("--a", "--r")
     assert cfgs["M::TP8_EP2_auto"].timeout_s == 10
     assert cfgs["M::TP8_EP4_triton"].args == ("--a", "--r", "--x")
+
+
+def _read(tmp_path, text: str):
+    from pytest_moe.matrix import read_yaml
+
+    path = tmp_path / "limits.yaml"
+    path.write_text(text)
+    return read_yaml(path, MatrixError)[1]
+
+
+def test_the_yaml_limits_hold_exactly_at_their_bounds(tmp_path):
+    """Each limit is reached and passed by one: 100 000 values with aliases expanded, 32 levels, 100 aliases."""
+    l1 = "&l1 [" + ", ".join(["x"] * 199) + "]"                   # 1 + 199 = 200 values
+    l2 = "&l2 [" + ", ".join([l1] + ["*l1"] * 48) + "]"           # 1 + 200 + 48 x 200 = 9801
+    def doc(scalars: int) -> str:                                 # 1 + 9801 + 9 x 9801 + scalars
+        return "[" + ", ".join([l2] + ["*l2"] * 9 + ["x"] * scalars) + "]\n"
+    assert len(_read(tmp_path, doc(1989))) == 1 + 9 + 1989      # 100 000 values: loads
+    with pytest.raises(MatrixError, match=r"limits.yaml:1: not valid YAML \(aliases expand to more than 100000 values\)$"):
+        _read(tmp_path, doc(1990))
+    # 31 lists around a scalar: 32 levels
+    nested = "x"
+    for _ in range(31):
+        nested = [nested]
+    assert _read(tmp_path, "[" * 31 + "x" + "]" * 31 + "\n") == nested
+    with pytest.raises(MatrixError, match=r"limits.yaml:1: not valid YAML \(nested deeper than 32 levels\)$"):
+        _read(tmp_path, "[" * 32 + "x" + "]" * 32 + "\n")
+    assert len(_read(tmp_path, "a: &a x\nb: [" + ", ".join(["*a"] * MAX_YAML_ALIASES) + "]\n")["b"]) == MAX_YAML_ALIASES
+
+
+def test_aliases_that_nest_deeper_than_the_limit_once_expanded_are_refused(tmp_path):
+    # a: 20 lists around a scalar (21 levels); b's 12 lists around *a hold 12 + 21 = 33 levels, never composed as such;
+    # with 10 lists, b holds 31 and the document's mapping 32
+    text = "a: &a " + "[" * 20 + "x" + "]" * 20 + "\nb: " + "[" * 12 + "*a" + "]" * 12 + "\n"
+    with pytest.raises(MatrixError, match=r"limits.yaml:2: not valid YAML \(aliases nest deeper than 32 levels\)$"):
+        _read(tmp_path, text)
+    assert _read(tmp_path, text.replace("[" * 12 + "*a" + "]" * 12, "[" * 10 + "*a" + "]" * 10))  # 32 levels: loads
+    with pytest.raises(MatrixError, match=r"limits.yaml:1: not valid YAML \(aliases nest deeper than 32 levels\)$"):
+        _read(tmp_path, text.replace("[" * 12 + "*a" + "]" * 12, "[" * 11 + "*a" + "]" * 11))  # 33 with the mapping
+
+
+def test_a_control_character_is_reported_on_its_own_line(tmp_path):
+    with pytest.raises(MatrixError, match=r"limits.yaml:3: not valid YAML \(character 0x0001 is not allowed\)$"):
+        _read(tmp_path, "defaults:\n  engine: sglang\nmodels: \x01\n")

@@ -90,3 +90,58 @@ def test_a_failure_that_never_started_a_server_says_so():
                                    "reproduce: pytest --moe-config 'M::TP1_auto'\n"
                                    "server command: (not started)\n"
                                    "server log: logs/M_TP1_auto.log\n")
+
+
+def test_the_whole_summary_of_a_small_night_written_out_by_hand():
+    """Every line of the end-of-run summary for four entries: counts, both tables, failures and repro lines."""
+    from pytest_moe.report import summary_markdown
+
+    row = {"input_len": 8, "output_len": 4, "latency_s": 1.5, "input_throughput_tok_per_s": 100.0,
+           "output_throughput_tok_per_s": 20.25, "itl_ms": 50.0}
+    accuracy = {"status": "passed", "score": 0.9, "lower_bound": 0.8123, "floor": 0.75, "n": 20}
+    successes = [
+        {"model": "M", "config": "TP1_auto", "profile_extend": "t/e.json", "profile_decode": "t/d.json",
+         "checks": {"benchmark": {"status": "passed", "rows": [{"batch_size": 1, **row}, {"batch_size": 4, **row}]},
+                    "accuracy": accuracy}},
+        {"model": "M", "config": "TP2_auto", "flaky": "True", "first_attempt_error_type": "PortInUse",
+         "batch_size": 1, **row},
+    ]
+    failures = [
+        {"model": "M", "config": "TP4_auto", "status": "xfailed", "error_type": "OOM",
+         "error_message": "CUDA out of memory | at\nload", "repro_command": "pytest t --moe-config M::TP4_auto",
+         "server_command": None},
+        {"model": "N", "config": "TP8_auto", "status": "predicted", "error_type": "InvalidArgument",
+         "error_message": "ep-must-divide: EP 3", "repro_command": "pytest t --moe-config N::TP8_auto",
+         "server_command": "python -m sglang.launch_server --tp-size 8"},
+    ]
+    header = ("| config | batch size | input len | latency (s) | input throughput (tok/s) | output throughput (tok/s) "
+              "| ITL (ms) | profile (extend) | profile (decode) |")
+    assert summary_markdown(successes, failures) == "\n".join([
+        "## pytest-moe: 2 succeeded, 2 failed (1 predicted by preflight, not booted, 1 known failures, 1 flaky)",
+        "",
+        "### M",
+        "",
+        header,
+        "|---|---|---|---|---|---|---|---|---|",
+        "| TP1_auto | 1 | 8 | 1.50 | 100.00 | 20.25 | 50.00 | t/e.json | t/d.json |",
+        "| TP1_auto | 4 | 8 | 1.50 | 100.00 | 20.25 | 50.00 | - | - |",
+        "| TP2_auto (flaky: PortInUse) | 1 | 8 | 1.50 | 100.00 | 20.25 | 50.00 | - | - |",
+        "",
+        "| config | accuracy (score / bound / floor, N) | agreement (exact / prefix vs reference) |",
+        "|---|---|---|",
+        "| TP1_auto | passed: 0.900 / 0.812 / 0.75, 20 | - |",
+        "",
+        "### Failures",
+        "",
+        "| config | error type | status | message |",
+        "|---|---|---|---|",
+        "| M::TP4_auto | OOM | xfailed | CUDA out of memory \\| at load |",
+        "| N::TP8_auto | InvalidArgument | predicted | ep-must-divide: EP 3 |",
+        "",
+        "Reproduce one config (then the raw server command):",
+        "",
+        "- M::TP4_auto: `pytest t --moe-config M::TP4_auto`",
+        "  - server: `(not started)`",
+        "- N::TP8_auto: `pytest t --moe-config N::TP8_auto`",
+        "  - server: `python -m sglang.launch_server --tp-size 8`",
+    ]) + "\n"
