@@ -82,7 +82,7 @@ LEARNED_ID = "learned"
 #: Who prints a message; a pattern names one so per-engine wording stays traceable.
 ENGINES = (
     "sglang", "vllm", "torch", "nccl", "cuda", "flashinfer", "triton", "cutlass", "deepgemm", "transformers", "python", "tgi",
-    "harness",
+    "cann", "harness",
 )
 
 #: How much of a server log ``classify_file`` reads: the failure is at the end, and whole logs of
