@@ -175,16 +175,14 @@ def read_yaml(path: Path, error: type[ValueError]) -> tuple[yaml.Node | None, An
         line = raw[: exc.start].count(b"\n") + 1
         raise error(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start})") from None
     try:
+        # PyYAML checks a str for NUL and other control characters all at once, here (yaml/reader.py Reader.__init__)
         loader = _LimitedLoader(text)
-    except yaml.reader.ReaderError as exc:  # raised while reading the first chunk: NUL, other control bytes
+    except yaml.reader.ReaderError as exc:
         line = text[: exc.position].count("\n") + 1
         raise error(f"{path}:{line}: not valid YAML (character {exc.character:#06x} is not allowed)") from None
     try:
         root = loader.get_single_node()
         return root, loader.construct_document(root) if root is not None else None
-    except yaml.reader.ReaderError as exc:
-        line = text[: exc.position].count("\n") + 1
-        raise error(f"{path}:{line}: not valid YAML (character {exc.character:#06x} is not allowed)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -467,6 +467,10 @@ def test_rule_messages_render_every_detail_worked_out_by_hand():
                           "8 ranks): use EP in [1, 2, 4].")
     [ep3] = check(qwen, LaunchPlan(tp=8, ep=3), None)
     assert ep3.message == "EP 3 is not valid for TP 8 with 128 experts on sglang (EP must divide TP): use EP in [1, 2, 4, 8]."
+    # vLLM's --enable-expert-parallel takes no size: EP is TP x DP, so only EP 1 or 8 (TP 8, DP 1)
+    [switch] = check(qwen, LaunchPlan(engine="vllm", tp=8, ep=2), None)
+    assert switch.message == ("EP 2 is not valid for TP 8 with 128 experts on vllm (--enable-expert-parallel is a switch, "
+                              "its size is TP x DP): use EP in [1, 8].")
     # B200 is SM 10.0; 128x128 FP8 block-scale runs on SM 9.0 only
     [b200] = check(model("deepseek-v3.json"), LaunchPlan(engine="vllm", tp=8, ep=8, moe_backend="flashinfer_cutlass"),
                    gpu_spec("B200", 8))
