@@ -24,12 +24,13 @@ class Decision:
 
 def unknown_config_ids(wanted: Iterable[str], matrix: Matrix | None) -> str | None:
     """The usage error for ``--moe-config`` ids the matrix does not have, or None."""
-    known = set(matrix.by_id()) if matrix else set()
-    unknown = sorted(set(wanted) - known)
+    known = sorted(matrix.by_id()) if matrix else []
+    unknown = sorted(set(wanted) - set(known))
     if not unknown:
         return None
-    where = matrix.path if matrix else "any matrix"
-    return f"--moe-config {unknown[0]!r} is not a config of {where} (e.g. {', '.join(sorted(known)[:3])})"
+    if matrix is None:
+        return f"--moe-config {unknown[0]!r}: no matrix is loaded to select it from; pass --moe-matrix PATH"
+    return f"--moe-config {unknown[0]!r} is not a config of {matrix.path} (e.g. {', '.join(known[:3])})"
 
 
 def decide(cfg: ServerConfig, host_gpus: list[GpuInfo], *, preflight: bool, nodes_offered: int) -> Decision:

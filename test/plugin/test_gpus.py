@@ -288,6 +288,20 @@ def test_lease_basics(tmp_path: Path) -> None:
         leaser.acquire(16, config_id="big")
 
 
+def test_a_served_waiter_leaves_the_queue_and_its_files(tmp_path: Path) -> None:
+    """Once its GPUs are leased (or it gives up), a waiter is out of the shared queue: a stale entry would hold
+    GPUs back from larger requests that queue after it."""
+    leaser = GpuLeaser(tmp_path / "leases" / "node0", gpu_indices=range(2))  # folders made as needed
+    with leaser.acquire(2, config_id="all") as held:
+        with pytest.raises(TimeoutError):
+            leaser.acquire(1, timeout_s=0.05, config_id="late")
+        state = json.loads((leaser.lock_dir / "state.json").read_text())
+        assert state["waiters"] == [] and not list(leaser.lock_dir.glob("waiter-*.lock"))
+    assert held.released
+    with pytest.raises(ValueError, match=r"^c needs 1 GPUs but the lease pool has 0 \(none\)$"):
+        GpuLeaser(tmp_path, gpus=[]).acquire(1, config_id="c")
+
+
 def test_a_release_frees_only_its_own_gpus_and_logs_its_lease(tmp_path: Path) -> None:
     log = tmp_path / "logs" / "leases-elsewhere.jsonl"
     log.parent.mkdir()

@@ -50,3 +50,19 @@ def test_preflight_sees_the_hosts_gpus_times_the_nodes():
     assert [p.prevents for p in one_node.predicted] == ["OOM"]
     assert decide(_cfg(16, nodes=2), _gpus(8), preflight=True, nodes_offered=2).skip_reason is None
     assert decide(_cfg(8), _gpus(8), preflight=False, nodes_offered=1).skip_reason is None
+
+
+def test_an_unknown_moe_config_is_named_with_three_known_ids_or_the_missing_matrix(tmp_path):
+    from pytest_moe.matrix import load_matrix
+    from pytest_moe.selection import unknown_config_ids
+
+    path = tmp_path / "m.yaml"
+    path.write_text("defaults: {engine: sglang, moe_backends: [auto]}\nmodels:\n  B: {path: org/b, tp: [2, 1]}\n"
+                    "  A: {path: org/a, tp: [1]}\n")
+    matrix = load_matrix(path)
+    assert unknown_config_ids(["A::TP1_auto", "B::TP2_auto"], matrix) is None
+    # the first unknown id in sorted order; the known ids sorted, three of them
+    assert unknown_config_ids(["Z::TP1_auto", "C::TP8_auto", "A::TP1_auto"], matrix) == (
+        f"--moe-config 'C::TP8_auto' is not a config of {path} (e.g. A::TP1_auto, B::TP1_auto, B::TP2_auto)")
+    assert unknown_config_ids(["A::TP1_auto"], None) == (
+        "--moe-config 'A::TP1_auto': no matrix is loaded to select it from; pass --moe-matrix PATH")
