@@ -202,8 +202,18 @@ class MoERecorder:
 
 
 def _exit_like_pytest_timeout(item: pytest.Item, settings: Any) -> None:
-    """What pytest-timeout's thread method does on expiry (its ``timeout_timer`` is private): dump stacks, exit 1."""
+    """What pytest-timeout's thread method does on expiry (its ``timeout_timer`` is private): stop capturing, show what
+    was captured, dump every thread's stack, exit 1.  Without the first step the stacks went into the capture buffer,
+    which ``os._exit`` throws away: the run ended with no word of why."""
+    capman = item.config.pluginmanager.get_plugin("capturemanager")
+    captured = ("", "")
+    if capman is not None:
+        capman.suspend_global_capture(in_=True)
+        captured = capman.read_global_capture()
     sys.stderr.write(f"\n{'+' * 35} Timeout {'+' * 35}\n")
+    for name, text in zip(("stdout", "stderr"), captured):
+        if text:
+            sys.stderr.write(f"{'~' * 30} Captured {name} {'~' * 30}\n{text}")
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     sys.stderr.write(f"{'+' * 35} Timeout {'+' * 35}\n")
     sys.stderr.flush()

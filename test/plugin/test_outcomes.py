@@ -336,3 +336,32 @@ def test_a_results_write_failing_in_an_xdist_worker_is_a_warning_in_the_controll
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert "> warning: could not" in output and "success_results.json" in output, output[-3000:]
+
+
+def test_pytest_timeouts_thread_method_records_the_config_and_kills_its_tree_before_the_exit(tmp_path):
+    """pytest-timeout's ``thread`` method ends the process with ``os._exit(1)``: no teardown and no report run, so
+    the plugin's own timer records the config and kills its server first (the real-engine case is in test_faults.py)."""
+    (tmp_path / "matrix.yaml").write_text(HANG_MATRIX)
+    log = tmp_path / "res" / "logs" / "Hang_TP1_auto.log"
+    argv = [*_nightly_argv(tmp_path), "--timeout", "4", "--timeout-method", "thread"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", *argv], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, start_new_session=True)
+    pids = _pids_in(log)
+    try:
+        assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+        entry = json.loads((tmp_path / "res" / "failure_results.json").read_text())["Hang::TP1_auto"]
+        assert entry["error_type"] == "Timeout"
+        assert entry["error_message"] == "Timeout >4.0s (pytest-timeout, thread method) in Hang::TP1_auto"
+        banner = "+" * 35 + " Timeout " + "+" * 35
+        assert proc.stderr.count(banner) == 2 and "Thread" in proc.stderr  # every thread's stack between the banners
+        deadline = time.monotonic() + 10  # killed with no grace: only the kernel's reaping is left
+        while (alive := [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert alive == []
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
