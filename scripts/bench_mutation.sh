@@ -17,9 +17,10 @@
 # After the tests change, start over with MUTATION_FRESH=1: mutmut 3.8's incremental bookkeeping (new tests
 # only) failed on this suite (BadTestExecutionCommandsException).
 #
-# Known limit: a function reached only inside a child process (a pytester subprocess, the janitor
-# started by a server) is not seen by mutmut's per-test bookkeeping, so its mutants show as
-# "no tests"; they count against the share, never for it.
+# A function reached only inside a child process (a pytester subprocess, the janitor started by a server) is not
+# seen by mutmut's per-test bookkeeping; scripts/mutation_site/sitecustomize.py records those hits, and
+# mutation_report.py runs such a function's mutants against the tests that reach it that way too (with the
+# sample).  A mutant no test reaches at all shows as "no tests" and counts against the share, never for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${VIRTUAL_ENV:-}" ]]; then
@@ -56,19 +57,12 @@ for src in Path("pytest_moe").rglob("*"):
         if not dst.exists() or dst.read_bytes() != src.read_bytes():
             shutil.copy2(src, dst)
 PY
-# Child processes (pytester subprocesses, the janitor) import the mutated copy, not this checkout, and run
-# the mutant under test (mutmut passes it in MUTANT_UNDER_TEST).  While mutmut records which test reaches
-# which function ("stats"), a child cannot report its hits and would fail looking for mutmut's config in
-# its own working directory: this sitecustomize makes such a child run the original code instead.
-site=$(mktemp -d)
-trap 'rm -rf "$site"' EXIT
-cat > "$site/sitecustomize.py" <<'PY'
-import os
-
-if os.environ.get("MUTANT_UNDER_TEST") == "stats":
-    os.environ["MUTANT_UNDER_TEST"] = ""
-PY
-export PYTHONPATH="$PWD/mutants:$site"
+# Child processes (pytester subprocesses, the janitor, servers) import the mutated copy, not this checkout, and run
+# the mutant under test (mutmut passes it in MUTANT_UNDER_TEST).  While mutmut records which test reaches which
+# function ("stats"), scripts/mutation_site/sitecustomize.py makes each child record its own hits, under the test
+# that started it, in mutants/child-hits.jsonl (mutmut cannot see them; kept with its stats, gone with MUTATION_FRESH).
+export PYTEST_MOE_MUTATION_HITS="$PWD/mutants/child-hits.jsonl"
+export PYTHONPATH="$PWD/mutants:$PWD/scripts/mutation_site"
 # In a session of its own: a mutant of the teardown code (server.kill_tree, _members, _signal_group) can signal
 # the process group or tree of whoever runs it, and once ended the shell that ran this script.  As root a mutant
 # of the process-tree walk (_members) can signal any process on the machine: run this as an unprivileged user.

@@ -75,6 +75,7 @@ def run_sample(sample: list[str], jobs: int) -> None:
 
     stats = json.loads(Path("mutants/mutmut-stats.json").read_text())
     durations = stats["duration_by_test"]
+    reaching_tests = tests_by_function(stats, Path("mutants/child-hits.jsonl"))
     env = dict(os.environ, PYTHONPATH=str(Path("mutants").resolve()))
     # the mutated modules hold every variant of every function: compiling them took 6 of a run's 11 s; their
     # bytecode is the same for every mutant (MUTANT_UNDER_TEST picks one at call time), so let Python cache it
@@ -107,7 +108,7 @@ def run_sample(sample: list[str], jobs: int) -> None:
         function = re.sub(r"__mutmut_\d+$", "", name)
         # fastest first, as mutmut orders them: most mutants die in the first few tests (the suite runs in any order
         # under xdist, so no test leans on another having run first)
-        reaching = stats["tests_by_mangled_function_name"].get(function, ())
+        reaching = reaching_tests.get(function, ())
         tests = sorted(reaching, key=lambda t: (durations.get(t, 0), t))
         if not tests:
             return "no tests"
@@ -128,6 +129,22 @@ def run_sample(sample: list[str], jobs: int) -> None:
     with ThreadPoolExecutor(jobs) as pool:
         for name, status in zip(sample, pool.map(verdict, sample)):
             print(f"    {name}: {status}", flush=True)
+
+
+def tests_by_function(stats: dict, child_hits: Path) -> dict[str, set[str]]:
+    """mutmut's record of the tests that reach each function, plus those that reach it only in a child process
+    (recorded by scripts/mutation_site/sitecustomize.py while mutmut took its stats)."""
+    import json
+
+    reaching = {function: set(tests) for function, tests in stats["tests_by_mangled_function_name"].items()}
+    if child_hits.exists():
+        for line in child_hits.read_text().splitlines():
+            try:
+                hit = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a child killed mid-write
+            reaching.setdefault(hit["function"], set()).add(hit["test"])
+    return reaching
 
 
 def _kill_leftovers(tag: str) -> None:
