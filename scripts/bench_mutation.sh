@@ -60,8 +60,10 @@ PY
 # Child processes (pytester subprocesses, the janitor, servers) import the mutated copy, not this checkout, and run
 # the mutant under test (mutmut passes it in MUTANT_UNDER_TEST).  While mutmut records which test reaches which
 # function ("stats"), scripts/mutation_site/sitecustomize.py makes each child record its own hits, under the test
-# that started it, in mutants/child-hits.jsonl (mutmut cannot see them; kept with its stats, gone with MUTATION_FRESH).
+# that started it (mutation_stats_plugin.py names it), in mutants/child-hits.jsonl (mutmut cannot see them; kept
+# with its stats, gone with MUTATION_FRESH).
 export PYTEST_MOE_MUTATION_HITS="$PWD/mutants/child-hits.jsonl"
+export PYTEST_PLUGINS=mutation_stats_plugin
 export PYTHONPATH="$PWD/mutants:$PWD/scripts/mutation_site"
 # In a session of its own: a mutant of the teardown code (server.kill_tree, _members, _signal_group) can signal
 # the process group or tree of whoever runs it, and once ended the shell that ran this script.  As root a mutant

@@ -12,8 +12,7 @@ the first time it is reached, under the test that started the child, as a JSON l
 import json
 import os
 
-#: Passed down the tree: a grandchild (a server started by a pytester run) belongs to the outer test, not to the
-#: inner test whose ``PYTEST_CURRENT_TEST`` it inherits.
+#: The running test, set by mutation_stats_plugin.py in the process mutmut runs and inherited down the tree.
 _TEST_VAR = "PYTEST_MOE_MUTATION_TEST"
 
 
@@ -21,11 +20,10 @@ def _install() -> None:
     if os.environ.get("MUTANT_UNDER_TEST") != "stats":
         return  # a mutant run (the child runs that mutant too), or the stats process itself starting up
     hits = os.environ.get("PYTEST_MOE_MUTATION_HITS")
-    test = os.environ.get(_TEST_VAR) or os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    test = os.environ.get(_TEST_VAR)
     if not hits or not test:
         os.environ["MUTANT_UNDER_TEST"] = ""  # no test to credit: run the original code
         return
-    os.environ[_TEST_VAR] = test
     from mutmut.mutation import trampoline
 
     seen: set[str] = set()
