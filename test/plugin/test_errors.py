@@ -505,6 +505,8 @@ KNOWN_DEV_MISSES = {
     # Composable Kernel's "device_gemm ... does not support this GEMM problem" reads as a refusal (the weak wording
     # rule); the thread's reader traced it to a shape that is no multiple of the kernel's tile
     "https://github.com/ROCm/aiter/issues/2191": "CK's refusal wording for a tile misfit",
+    # the same CK message, whose copies in the corpus are labelled both ways (aiter#1416, #3202: UnsupportedBackend)
+    "https://github.com/ROCm/aiter/issues/614": "CK's refusal wording for a tile misfit",
     # the worker's SIGABRT ("died, exit code: -6") is told before the NCCL heartbeat monitor's timeout that caused it
     "https://github.com/vllm-project/vllm/issues/9839": "a watchdog abort told before its cause",
     # ray's actor death lists the OOM killer as one possible cause among several; the thread found a memory leak
