@@ -188,3 +188,23 @@ def test_waivers_on_a_bad_matrix_is_a_usage_error(tmp_path, capsys) -> None:
     path = _matrix(tmp_path, {"TP1_auto": "error_type: Crash\nreason: r\n"})
     assert cli.main(["waivers", "--moe-matrix", str(path)]) == 2
     assert "required key is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("success", "failure", "expected"), [
+    (None, None, "no result"),
+    ({"last_updated": "2026-11-24T01:00:00"}, None, "passed"),
+    (None, {"error_type": "Crash"}, "failed: Crash"),  # an entry written before status was kept
+    (None, {"status": "xfailed"}, "xfailed: ?"),
+    ({"last_updated": "2026-11-24T01:00:00"}, {"status": "failed", "error_type": "OOM", "last_updated": "2026-11-25T01:00:00"},
+     "failed: OOM"),                                  # the newer entry wins
+    ({"last_updated": "2026-11-24T01:00:00"}, {"status": "failed", "error_type": "OOM"}, "passed"),  # an undated failure
+])
+def test_the_last_outcome_is_the_newer_entry(tmp_path, success, failure, expected) -> None:
+    from pytest_moe.waivers import list_waivers
+
+    path = _matrix(tmp_path, {"TP1_auto": _waiver()})
+    results = _results(tmp_path, {"M::TP1_auto": success} if success else {}, {"M::TP1_auto": failure} if failure else {})
+    [waiver] = list_waivers(load_matrix(path), results)
+    assert waiver.last_outcome == expected
+    [unrun] = list_waivers(load_matrix(path), tmp_path / "never-written")
+    assert unrun.last_outcome == "no result"
