@@ -57,6 +57,8 @@ class MoECollection:
     def __init__(self, config: pytest.Config):
         self.config = config
         self._host_gpus: list[gpus.GpuInfo] | None = None
+        #: The first matrix test collected while no matrix is loaded (a usage error once collection is over).
+        self._needs_matrix: str | None = None
 
     @property
     def matrix(self) -> Matrix | None:
@@ -104,7 +106,11 @@ class MoECollection:
             return
         matrix = self.matrix
         if matrix is None:
-            raise pytest.UsageError(f"no matrix: {options.DEFAULT_MATRIX} is not in {self.config.rootpath}; pass --moe-matrix PATH")
+            # refused once collection is over (pytest_collection_modifyitems): raised here, pytest reports it as a
+            # collection error with a traceback instead of a usage error's one line
+            self._needs_matrix = self._needs_matrix or metafunc.definition.nodeid
+            metafunc.parametrize("moe_config", [])
+            return
         if "moe_check" not in metafunc.fixturenames:
             metafunc.parametrize("moe_config", [pytest.param(cfg, id=cfg.id, marks=_marks(cfg)) for cfg in matrix.configs])
             return
@@ -117,6 +123,9 @@ class MoECollection:
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         """``--moe-config`` selection, skips decided before boot, and the order (references first, then largest)."""
         matrix = self.matrix
+        if self._needs_matrix:
+            raise pytest.UsageError(f"no matrix: {options.DEFAULT_MATRIX} is not in {self.config.rootpath} and "
+                                    f"{self._needs_matrix} needs one; pass --moe-matrix PATH")
         if config.option.moe_config:
             error = unknown_config_ids(config.option.moe_config, matrix)
             if error:

@@ -211,3 +211,14 @@ def test_each_concern_is_a_plugin_under_its_name_and_history_reads_the_loaded_ma
     assert config.pluginmanager.get_plugin("moe-collection").matrix is not None
     assert history.settings.noise_k == 4.5
     assert pytester.parseconfigure("-p", "no:moe-history").pluginmanager.get_plugin("moe-history") is None
+
+
+def test_a_matrix_test_without_any_matrix_is_a_usage_error_naming_the_file_looked_for(pytester):
+    pytester.makepyfile(test_nightly=TEST_FILE)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert result.errlines == [f"ERROR: no matrix: model_matrix.yaml is not in {pytester.path} and "
+                               "test_nightly.py::test_benchmark needs one; pass --moe-matrix PATH", ""]  # no traceback
+    # with --moe-config too: the missing matrix is named first
+    selected = pytester.runpytest("-p", "no:cacheprovider", "--moe-config", "M::TP1_auto")
+    assert selected.ret == pytest.ExitCode.USAGE_ERROR and "no matrix: model_matrix.yaml" in selected.errlines[0]
