@@ -77,6 +77,9 @@ def run_sample(sample: list[str], jobs: int) -> None:
     durations = stats["duration_by_test"]
     reaching_tests = tests_by_function(stats, Path("mutants/child-hits.jsonl"))
     env = dict(os.environ, PYTHONPATH=str(Path("mutants").resolve()))
+    # the stats-only plugin lives outside mutants/ (scripts/mutation_site): named here it would stop every run with
+    # a usage error (exit 4) on its import
+    env.pop("PYTEST_PLUGINS", None)
     # the mutated modules hold every variant of every function: compiling them took 6 of a run's 11 s; their
     # bytecode is the same for every mutant (MUTANT_UNDER_TEST picks one at call time), so let Python cache it
     env.pop("PYTHONDONTWRITEBYTECODE", None)
