@@ -184,25 +184,36 @@ def test_the_runner_records_an_impossible_stream_as_a_failure_not_a_success(tmp_
 
 
 class _Lines:
-    """An HTTP server that answers every POST with these raw stream lines, then, with ``stall``, goes silent."""
+    """An HTTP server that answers every POST with these raw stream lines, then, with ``stall``, goes silent.
 
-    def __init__(self, lines: list[bytes], stall: bool = False):
+    Each line is one HTTP/1.1 chunk, as uvicorn sends a streaming response (vLLM's and SGLang's servers)."""
+
+    def __init__(self, lines: list[bytes], stall: bool = False, pause_after_first: float = 0.0):
         import threading
+        import time
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         released = self.released = threading.Event()
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def do_POST(self):  # noqa: N802
                 self.rfile.read(int(self.headers["Content-Length"]))
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                for line in lines:
-                    self.wfile.write(line + b"\n\n")
-                self.wfile.flush()
+                for i, line in enumerate(lines):
+                    data = line + b"\n\n"
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                    if i == 0 and pause_after_first:
+                        time.sleep(pause_after_first)
                 if stall:
                     released.wait(30)
+                self.wfile.write(b"0\r\n\r\n")
+                self.close_connection = True
 
             def log_message(self, *a):
                 pass
@@ -250,3 +261,15 @@ def test_choices_without_an_index_are_request_0_and_a_one_chunk_request_has_no_l
         timing = stream_completion(url, "m", [[1]], 3, clock=ticking_clock())
     assert (timing.tokens, timing.first_chunk_tokens, timing.largest_later_chunk) == ((3,), (3,), (0,))
     assert timing.first_token_s == (1.0,) and timing.latency_s == 2.0  # readings: start 0, the chunk 1, the end 2
+
+
+def test_tokens_are_timed_as_they_arrive_not_when_the_response_is_complete():
+    """The first token comes at once and the rest a second later: a client that read the whole body first would
+    time every token at the end (a TTFT of a second, the decode window empty)."""
+    import time
+
+    with _Lines([_chunk(index=0, token_ids=[5]), _chunk(index=0, token_ids=[6]), b"data: [DONE]"],
+                pause_after_first=1.0) as url:
+        timing = stream_completion(url, "m", [[1]], 2, clock=time.monotonic)
+    assert timing.latency_s >= 1.0
+    assert timing.first_token_s[0] < timing.latency_s - 0.5

@@ -656,3 +656,23 @@ def test_learned_fallback_is_fitted_on_the_dev_part_only(tmp_path, monkeypatch) 
     assert "zorbulated" in vocabulary and "quuxified" not in vocabulary
     assert "out" in vocabulary  # the rules' example lines train it too ("CUDA out of memory")
     assert "zorb" in characters.vocabulary_ and "quux" not in characters.vocabulary_
+
+
+def test_the_deciding_line_is_the_nearest_earlier_one_and_ends_where_its_text_ends() -> None:
+    """Offsets worked out from the input text: ``end`` is where the learned fallback's window stops reading."""
+    cascade = errors.load_rules().cascade
+    # the last line says "Error: " but is no exception line: the one just before it decides, not the first
+    text = "ValueError: one\nValueError: two\nthe server said Error: three\n"
+    assert errors.deciding_line(text, cascade) == errors.Deciding("ValueError: two", text.index("\nthe server"), True)
+    # a log that starts with an empty line
+    assert errors.deciding_line("\nValueError: x", cascade).end == len("\nValueError: x")
+    # no exception and no error word: the last line, ending where its text ends
+    quiet = "starting\nloading the weights\nstill loading\n"
+    assert errors.deciding_line(quiet, cascade) == errors.Deciding("still loading", quiet.rindex("\n"), False)
+
+
+def test_a_long_signature_is_cut_to_its_limit_with_an_ellipsis() -> None:
+    long = errors.signature("RuntimeError: " + "x" * 1000)
+    assert len(long) == errors.MAX_SIGNATURE_CHARS and long.endswith("x…")
+    exact = "RuntimeError: " + "y" * (errors.MAX_SIGNATURE_CHARS - len("RuntimeError: "))
+    assert errors.signature(exact) == exact

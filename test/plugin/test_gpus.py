@@ -133,6 +133,7 @@ def test_without_nvml(env: pytest.MonkeyPatch) -> None:
     # A GPU named by UUID keeps that name for the server: without NVML its index is unknown.
     env.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa,MIG-bbbb")
     assert [(g.cuda_id, g.uuid) for g in discover_gpus()] == [("GPU-aaaa", "GPU-aaaa"), ("MIG-bbbb", "MIG-bbbb")]
+    assert [g.index for g in discover_gpus()] == [0, 1]  # numbered by their place in the list, as CUDA numbers them
 
 
 def test_pin_replaces_cuda_visible_devices(env: pytest.MonkeyPatch) -> None:
@@ -181,6 +182,12 @@ def test_wait_until_pids_gone_and_memory_back(env: pytest.MonkeyPatch) -> None:
     assert result.used_bytes == {0: GIB // 2, 1: GIB // 2}
     assert result.waited_s >= 0.03  # at least the polls it slept between reads (no upper bound: a loaded host)
     assert result.describe().startswith("GPU memory released after")
+
+
+def test_a_gpu_missing_from_the_baseline_is_judged_by_its_pids_alone(env: pytest.MonkeyPatch) -> None:
+    use_nvml(env, draining(reads_until_pid_gone=3, reads_until_memory_back=10**9))
+    result = wait_for_memory_release([0, 1], {4242, 4243}, {0: 60 * GIB}, timeout_s=5, poll_s=0.01)
+    assert result is not None and result.released  # GPU 0 is back to its baseline; GPU 1 had none taken
 
 
 def test_pids_alone_without_baseline(env: pytest.MonkeyPatch) -> None:
@@ -298,6 +305,12 @@ def test_a_served_waiter_leaves_the_queue_and_its_files(tmp_path: Path) -> None:
         state = json.loads((leaser.lock_dir / "state.json").read_text())
         assert state["waiters"] == [] and not list(leaser.lock_dir.glob("waiter-*.lock"))
     assert held.released
+    first = leaser.acquire(2)
+    with pytest.raises(TimeoutError, match=r"^a config waited 0.05 s for 1 of GPUs 0,1 and they did not become free$"):
+        leaser.acquire(1, timeout_s=0.05)  # no config id given
+    threading.Timer(0.3, first.release).start()  # started before the wait: the lease cannot come sooner
+    with leaser.acquire(2, timeout_s=30) as second:
+        assert 0.25 <= second.waited_s < 30  # the timer started a moment before the wait; 30 s would have raised
     with pytest.raises(ValueError, match=r"^c needs 1 GPUs but the lease pool has 0 \(none\)$"):
         GpuLeaser(tmp_path, gpus=[]).acquire(1, config_id="c")
 
