@@ -13,6 +13,7 @@
 #   MUTATION_JOBS=1 bash scripts/bench_mutation.sh janitor   # fewer parallel test processes
 #   MUTATION_FRESH=1 bash scripts/bench_mutation.sh          # forget earlier verdicts and bookkeeping
 #   MUTATION_SAMPLE=0.1 MUTATION_SEED=0 bash scripts/bench_mutation.sh   # a seeded 10 % sample of each module
+#   MUTATION_CAP_S=90 ...                          # stop a mutant whose tests all pass after 90 s (default 240)
 #
 # After the tests change, start over with MUTATION_FRESH=1: mutmut 3.8's incremental bookkeeping (new tests
 # only) failed on this suite (BadTestExecutionCommandsException).
