@@ -112,9 +112,11 @@ def _assert_clean(run: FaultRun, marker: str, within_s: float = 0.0) -> None:
     while _tree_of(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _tree_of(marker) == [], f"server processes outlived the run:\n{run.output[-2000:]}"
-    # A zombie holds no memory and no port; reaping it is its (re)parent's job, not the harness's.
-    assert not [p for p in psutil.process_iter(["name", "status"])
-                if (p.info["name"] or "").startswith("VLLM::") and p.info["status"] != psutil.STATUS_ZOMBIE]
+    # A zombie holds no memory and no port; reaping it is its (re)parent's job, not the harness's.  Only this user's:
+    # another account's vLLM (a mutation run's) is neither ours nor left by this run.
+    assert not [p for p in psutil.process_iter(["name", "status", "uids"])
+                if (p.info["name"] or "").startswith("VLLM::") and p.info["status"] != psutil.STATUS_ZOMBIE
+                and p.info["uids"].real == os.getuid()]
     port = int(re.search(r"--port (\d+)", run.log.read_text(errors="replace")).group(1))
     with socket.socket() as sock:  # as a new server binds: SO_REUSEADDR, so only a listener blocks it
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
