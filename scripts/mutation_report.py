@@ -21,6 +21,7 @@ time limit a timeout.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import random
@@ -70,7 +71,6 @@ def draw(verdicts: dict[str, tuple[str, str]], fraction: float, seed: int) -> li
 
 def run_sample(sample: list[str], jobs: int) -> None:
     """Each mutant's verdict as a `name: status` line (the format `mutmut results` prints), in sample order."""
-    import json
     from concurrent.futures import ThreadPoolExecutor
 
     stats = json.loads(Path("mutants/mutmut-stats.json").read_text())
@@ -139,7 +139,6 @@ def run_sample(sample: list[str], jobs: int) -> None:
 def tests_by_function(stats: dict, child_hits: Path) -> dict[str, set[str]]:
     """mutmut's record of the tests that reach each function, plus those that reach it only in a child process
     (recorded by scripts/mutation_site/sitecustomize.py while mutmut took its stats)."""
-    import json
 
     reaching = {function: set(tests) for function, tests in stats["tests_by_mangled_function_name"].items()}
     if child_hits.exists():
