@@ -76,9 +76,10 @@ def run_sample(sample: list[str], jobs: int) -> None:
     stats = json.loads(Path("mutants/mutmut-stats.json").read_text())
     durations = stats["duration_by_test"]
     reaching_tests = tests_by_function(stats, Path("mutants/child-hits.jsonl"))
-    env = dict(os.environ, PYTHONPATH=str(Path("mutants").resolve()))
-    # the stats-only plugin lives outside mutants/ (scripts/mutation_site): named here it would stop every run with
-    # a usage error (exit 4) on its import
+    site = Path(__file__).resolve().parent / "mutation_site"
+    env = dict(os.environ, PYTHONPATH=f"{Path('mutants').resolve()}:{site}",
+               PYTEST_MOE_MUTATION_STATS=str(Path("mutants/mutmut-stats.json").resolve()))
+    # the stats-only plugin: it must not run in mutant runs, not even in their pytester subprocesses
     env.pop("PYTEST_PLUGINS", None)
     # the mutated modules hold every variant of every function: compiling them took 6 of a run's 11 s; their
     # bytecode is the same for every mutant (MUTANT_UNDER_TEST picks one at call time), so let Python cache it
@@ -109,17 +110,17 @@ def run_sample(sample: list[str], jobs: int) -> None:
 
     def verdict(name: str) -> str:
         function = re.sub(r"__mutmut_\d+$", "", name)
-        # fastest first, as mutmut orders them: most mutants die in the first few tests (the suite runs in any order
-        # under xdist, so no test leans on another having run first)
         reaching = reaching_tests.get(function, ())
-        tests = sorted(reaching, key=lambda t: (durations.get(t, 0), t))
+        tests = test_order(function, reaching, durations)
         if not tests:
             return "no tests"
         # a mutant in an infinite loop runs past three times its tests' time: a timeout, which counts as killed.  A
         # surviving mutant of a function every test reaches (matrix loading) would run the whole suite, about 15
-        # minutes on one core: after CAP_S it stops and counts as survived, so the share is a lower bound
+        # minutes on one core: after CAP_S it stops and counts as survived, so the share is a lower bound.  A mutant
+        # that makes one test hang (a teardown that waits forever) fails that test at its own limit, so the run goes on
+        # to a verdict instead of to the cap (mutation_timeouts_plugin.py)
         natural = 60 + 3 * sum(durations.get(t, 0) for t in tests)
-        code = pytest(name, tests, min(natural, CAP_S))
+        code = pytest(name, ["-p", "mutation_timeouts_plugin", *tests], min(natural, CAP_S))
         if code is None and natural > CAP_S:
             return f"survived (stopped after {CAP_S} s)"
         if code in (None, 0, 1):
@@ -134,6 +135,33 @@ def run_sample(sample: list[str], jobs: int) -> None:
     with ThreadPoolExecutor(jobs) as pool:
         for name, status in zip(sample, pool.map(verdict, sample)):
             print(f"    {name}: {status}", flush=True)
+
+
+#: Test files that exercise a module most directly, where they are not named ``test_<module>.py``.
+OWN_TESTS = {
+    "runner": ("test_cell", "test_retries", "test_outcomes"),
+    "server": ("test_server", "test_teardown"),
+    "janitor": ("test_teardown",),
+    "plugin": ("test_collection", "test_outcomes"),
+    "plugins.recording": ("test_outcomes", "test_retries", "test_waivers"),
+    "plugins.collection": ("test_collection", "test_selection"),
+}
+
+
+def test_order(function: str, reaching: set[str], durations: dict[str, float]) -> list[str]:
+    """The module's own test files first, then the rest; fastest first within each.
+
+    Fastest first is mutmut's order: most mutants die in the first few tests.  But a function every test reaches (a
+    plugin hook, ``config_of``) has ~2 000 of them, and the pytester test that pins its behaviour ran after minutes of
+    unrelated fast tests, past the cap (28 of one sample's 55 survivors were stopped there).  The suite runs in any
+    order under xdist, so no test leans on another having run first."""
+    module = re.match(r"pytest_moe\.((?:plugins\.)?\w+)\.x", function).group(1)
+    own = OWN_TESTS.get(module, (f"test_{module.rsplit('.', 1)[-1]}",))
+
+    def key(test: str) -> tuple[bool, float, str]:
+        return Path(test.split("::")[0]).stem not in own, durations.get(test, 0), test
+
+    return sorted(reaching, key=key)
 
 
 def tests_by_function(stats: dict, child_hits: Path) -> dict[str, set[str]]:
