@@ -296,8 +296,10 @@ def _merged_with_previous(store: ResultsStore, entry: dict[str, Any], key: str) 
     merged_checks = {**previous["checks"], **entry.get("checks", {})}
     if BENCHMARK in entry.get("checks", {}):
         return {**entry, "checks": merged_checks}
+    # a run without the benchmark has none of its figures, but writes the seed's always-present profile fields as
+    # null: last night's win, or a partial run would drop its trace folders
     carried = {k: v for k, v in previous.items() if k in BENCH_FIELDS}
-    return {**carried, **entry, "checks": merged_checks}
+    return {**entry, **carried, "checks": merged_checks}
 
 
 def display_command(cfg: ServerConfig) -> str:

@@ -139,7 +139,7 @@ def run_sample(sample: list[str], jobs: int) -> None:
 
 #: Test files that exercise a module most directly, where they are not named ``test_<module>.py``.
 OWN_TESTS = {
-    "runner": ("test_cell", "test_retries", "test_outcomes"),
+    "runner": ("test_runner", "test_cell", "test_retries", "test_outcomes"),
     "server": ("test_server", "test_teardown"),
     "janitor": ("test_teardown",),
     "plugin": ("test_collection", "test_outcomes"),

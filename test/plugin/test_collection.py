@@ -222,3 +222,18 @@ def test_a_matrix_test_without_any_matrix_is_a_usage_error_naming_the_file_looke
     # with --moe-config too: the missing matrix is named first
     selected = pytester.runpytest("-p", "no:cacheprovider", "--moe-config", "M::TP1_auto")
     assert selected.ret == pytest.ExitCode.USAGE_ERROR and "no matrix: model_matrix.yaml" in selected.errlines[0]
+
+
+def test_an_items_config_and_check_are_its_own_parameters_and_none_for_other_tests():
+    """What every hook asks of an item: a matrix test's config and check come from its parameters; any other test
+    (no parameters, or parameters of its own) has none, so the plugin leaves it alone."""
+    from types import SimpleNamespace
+
+    from pytest_moe.checks import CHECKS
+    from pytest_moe.plugins.collection import check_of, config_of
+
+    cfg, check = object(), CHECKS["benchmark"]
+    matrix_test = SimpleNamespace(callspec=SimpleNamespace(params={"moe_config": cfg, "moe_check": check}))
+    assert config_of(matrix_test) is cfg and check_of(matrix_test) is check
+    for other in (SimpleNamespace(), SimpleNamespace(callspec=SimpleNamespace(params={"n": 3}))):
+        assert config_of(other) is None and check_of(other) is None

@@ -130,6 +130,10 @@ def test_success_entry_carries_the_benchmark_shape_and_the_command(outcome_run):
     case, props = outcome_run["cases"]["Good::TP1_auto"]
     assert _verdict(case) == "passed"
     assert props["status"] == "success" and props["batch_size"] == "2" and props["engine"] == "vllm-cpu"
+    # the whole entry too, its keys in order: the same entry is the same text in every night's JUnit
+    attached = json.loads(props["moe_entry"])
+    assert attached == {k: v for k, v in entry.items() if k != "last_updated"}  # the store stamps the file's copy
+    assert list(attached) == sorted(attached)
 
 
 def test_failure_entry_is_classified_from_the_log_with_repro_and_report_section(outcome_run):
@@ -353,7 +357,8 @@ def test_pytest_timeouts_thread_method_records_the_config_and_kills_its_tree_bef
         assert entry["error_type"] == "Timeout"
         assert entry["error_message"] == "Timeout >4.0s (pytest-timeout, thread method) in Hang::TP1_auto"
         banner = "+" * 35 + " Timeout " + "+" * 35
-        assert proc.stderr.count(banner) == 2 and "Thread" in proc.stderr  # every thread's stack between the banners
+        banners = [line for line in proc.stderr.splitlines() if line.strip("+") == " Timeout "]
+        assert banners == [banner, banner] and "Thread" in proc.stderr  # every thread's stack between the banners
         deadline = time.monotonic() + 10  # killed with no grace: only the kernel's reaping is left
         while (alive := [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]) \
                 and time.monotonic() < deadline:

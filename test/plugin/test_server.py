@@ -42,10 +42,11 @@ def _server(tmp_path, *extra, timeout_s=30, **kw) -> Server:
 
 
 def test_ready_server_then_teardown_leaves_nothing(tmp_path):
+    t0 = time.monotonic()
     with _server(tmp_path, "--ready-after", "0.6") as srv:
         pid = srv.proc.pid
         assert srv.engine.is_ready(srv.base_url, "ours")
-        assert srv.ready_after_s >= 0.6
+        assert 0.6 <= srv.ready_after_s <= time.monotonic() - t0  # seconds since the launch, not a clock reading
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert srv.teardown.survivors == [] and not srv.teardown.escalated_to_sigkill
     with socket.socket() as sock:
@@ -60,6 +61,9 @@ def test_a_server_that_exits_before_ready_is_noticed_within_a_second_even_with_e
     with pytest.raises(ServerError, match=f"exited with code {code} after") as info:
         srv.__enter__()
     assert srv.noticed_exit_at - t0 < 0.3 + 1.0 + 1.0  # exit after 0.3 s + interpreter start; noticed within a poll
+    after = float(re.search(r"after ([\d.]+) s, before it was ready", str(info.value)).group(1))
+    assert 0.3 <= after <= srv.noticed_exit_at - t0 + 0.1  # the seconds it ran, as the message says
+    assert srv.exited() == ("Server process", code, tmp_path / "s.log") and not srv.alive()
     assert "fake engine exiting before it was ready" in info.value.log_tail  # the tail of its log is reported
     assert info.value.log_path == tmp_path / "s.log"
 
@@ -72,6 +76,11 @@ def test_a_server_makes_its_log_folders_and_a_janitor_watches_it_until_it_stops(
         assert len(janitors) == 1 and janitors[0].status() != psutil.STATUS_ZOMBIE
         assert janitors[0].cmdline()[-3:] == [str(os.getpid()), str(srv.proc.pid), "2"]
         assert "fake engine starting" in log.read_text()
+        assert srv.exited() is None and srv.alive()
+        # the engine writes only to its log; the janitor to nothing (not into pytest's output or an xdist pipe)
+        fds = {pid: [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 1, 2)] for pid in (srv.proc.pid, janitors[0].pid)}
+        assert fds[srv.proc.pid] == ["/dev/null", str(log), str(log)]
+        assert fds[janitors[0].pid] == ["/dev/null"] * 3
     janitors[0].wait(10)  # its server gone, the janitor ends too
 
 

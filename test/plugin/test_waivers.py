@@ -164,6 +164,12 @@ def test_waivers_lists_every_waiver_and_flags_the_expired_and_the_passing(tmp_pa
     assert "expired on 2020-01-01" in tp1
     assert "passed" in tp2 and f"no longer fails: delete {path}:{_line_of(path, 'TP2_auto:')}" in tp2
     assert "2 waiver(s), 2 need attention" in out
+    # a table: each column starts where its header does, and no line trails blanks
+    header = out.splitlines()[0]
+    assert header.split() == ["config", "waived", "type", "issue", "age", "expires", "last", "outcome", "state"]
+    assert tp1.index("https://") == tp2.index("https://") == header.index("issue")
+    assert tp1.index("failed: Crash") == header.index("last outcome")
+    assert all(line == line.rstrip() for line in out.splitlines())
 
 
 def test_waivers_exit_zero_when_every_waiver_is_current_and_still_failing(tmp_path, capsys) -> None:
