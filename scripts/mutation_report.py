@@ -182,12 +182,24 @@ def tests_by_function(stats: dict, child_hits: Path) -> dict[str, set[str]]:
 def _kill_leftovers(tag: str) -> None:
     """Servers a run started in sessions of their own outlive its session when a teardown mutant breaks the cleanup
     (seen: fake vLLM servers left by `_members` mutants, which failed the next end-to-end run's "no vLLM server is
-    running" guard); they carry the run's tag in their environment."""
+    running" guard); they carry the run's tag in their environment.
+
+    Not every leftover can be read that way: a process that retitles itself (vLLM's ``VLLM::Worker_TP1``, through
+    setproctitle) overwrites the memory ``/proc/PID/environ`` shows.  One such worker, left by a mutant of the
+    two-member vLLM test, outlived a sample and failed a verification run's fault tests.  So an orphan of this user
+    (its parent gone, adopted by init) working in a pytest temporary directory is a leftover too: a test's server
+    runs there, and while its test runs its parent is alive."""
+    import getpass
+    import tempfile
+
     import psutil
 
+    test_dirs = os.path.join(tempfile.gettempdir(), f"pytest-of-{getpass.getuser()}") + os.sep
     for proc in psutil.process_iter():
         try:
-            if proc.environ().get(RUN_TAG) == tag:
+            if proc.uids().real != os.getuid():
+                continue
+            if proc.environ().get(RUN_TAG) == tag or (proc.ppid() == 1 and proc.cwd().startswith(test_dirs)):
                 proc.kill()
         except psutil.Error:
             continue
