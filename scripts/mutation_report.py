@@ -8,6 +8,7 @@ killed share, with its 95 % interval, in one to two hours (594 mutants: about 10
 
     python scripts/mutation_report.py draw RESULTS FRACTION SEED MODULE...   # prints the sampled names
     python scripts/mutation_report.py run SAMPLE JOBS > VERDICTS              # run them (from mutants/'s parent)
+    python scripts/mutation_report.py recheck VERDICTS JOBS > VERDICTS2       # check the cap-stopped ones for a hang
     python scripts/mutation_report.py report RESULTS [SAMPLE ALL] -- MODULE...   # the table and the survivors
 
 Why `run` and not `mutmut run NAMES`: mutmut first runs the union of the named mutants' tests once, unmutated, in its
@@ -36,13 +37,15 @@ LINE = re.compile(r"\s*(pytest_moe\.((?:plugins\.)?\w+)\.x\S+): (.+)$")
 KILLED = ("killed", "timeout")
 #: The longest one mutant's tests may run (see run_sample); MUTATION_CAP_S changes it.
 CAP_S = int(os.environ.get("MUTATION_CAP_S", "240"))
+#: Collecting every test of the fast suite took 7 s on a loaded 2-core machine; 90 s is a hang, not a slow start.
+COLLECT_LIMIT_S = 90
 #: Set in each pytest run's environment, so whatever it leaves running can be found (``_kill_leftovers``).
 RUN_TAG = "PYTEST_MOE_MUTATION_RUN"
 
 
 def killed(status: str) -> bool:
     """Killed, timed out, or stopped pytest from starting where it starts without the mutant."""
-    return status in KILLED or status.startswith("killed (")
+    return status in KILLED or status.startswith(("killed (", "timeout ("))
 
 
 def read_results(path: str, wanted: list[str]) -> dict[str, tuple[str, str]]:
@@ -69,30 +72,33 @@ def draw(verdicts: dict[str, tuple[str, str]], fraction: float, seed: int) -> li
     return sample
 
 
-def run_sample(sample: list[str], jobs: int) -> None:
-    """Each mutant's verdict as a `name: status` line (the format `mutmut results` prints), in sample order."""
-    from concurrent.futures import ThreadPoolExecutor
+class _Runs:
+    """pytest runs over the mutated copy in mutants/, each in a session of its own, with one mutant switched on."""
 
-    stats = json.loads(Path("mutants/mutmut-stats.json").read_text())
-    durations = stats["duration_by_test"]
-    reaching_tests = tests_by_function(stats, Path("mutants/child-hits.jsonl"))
-    site = Path(__file__).resolve().parent / "mutation_site"
-    env = dict(os.environ, PYTHONPATH=f"{Path('mutants').resolve()}:{site}",
-               PYTEST_MOE_MUTATION_STATS=str(Path("mutants/mutmut-stats.json").resolve()))
-    # the stats-only plugin: it must not run in mutant runs, not even in their pytester subprocesses
-    env.pop("PYTEST_PLUGINS", None)
-    # the mutated modules hold every variant of every function: compiling them took 6 of a run's 11 s; their
-    # bytecode is the same for every mutant (MUTANT_UNDER_TEST picks one at call time), so let Python cache it
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    def __init__(self) -> None:
+        stats = json.loads(Path("mutants/mutmut-stats.json").read_text())
+        self.durations = stats["duration_by_test"]
+        self.reaching_tests = tests_by_function(stats, Path("mutants/child-hits.jsonl"))
+        site = Path(__file__).resolve().parent / "mutation_site"
+        self.env = dict(os.environ, PYTHONPATH=f"{Path('mutants').resolve()}:{site}",
+                        PYTEST_MOE_MUTATION_STATS=str(Path("mutants/mutmut-stats.json").resolve()))
+        # the stats-only plugin: it must not run in mutant runs, not even in their pytester subprocesses
+        self.env.pop("PYTEST_PLUGINS", None)
+        # the mutated modules hold every variant of every function: compiling them took 6 of a run's 11 s; their
+        # bytecode is the same for every mutant (MUTANT_UNDER_TEST picks one at call time), so let Python cache it
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
+        self._runs = itertools.count()
 
-    runs = itertools.count()
+    def tests(self, name: str) -> list[str]:
+        function = re.sub(r"__mutmut_\d+$", "", name)
+        return test_order(function, self.reaching_tests.get(function, set()), self.durations)
 
-    def pytest(mutant: str, tests: list[str], limit: float) -> int | None:
+    def pytest(self, mutant: str, tests: list[str], limit: float) -> int | None:
         """pytest's exit status with ``mutant`` switched on ("" for none), or None past ``limit`` seconds."""
-        tag = f"{os.getpid()}-{next(runs)}"
+        tag = f"{os.getpid()}-{next(self._runs)}"
         command = [sys.executable, "-m", "pytest", "-x", "-q", "--tb=no", "-p", "no:cacheprovider", "-p", "no:randomly",
                    "-p", "no:xdist", *tests]
-        with subprocess.Popen(command, cwd="mutants", env=dict(env, MUTANT_UNDER_TEST=mutant, **{RUN_TAG: tag}),
+        with subprocess.Popen(command, cwd="mutants", env=dict(self.env, MUTANT_UNDER_TEST=mutant, **{RUN_TAG: tag}),
                               start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
             try:
@@ -108,10 +114,15 @@ def run_sample(sample: list[str], jobs: int) -> None:
                 process.wait()
                 _kill_leftovers(tag)
 
-    def verdict(name: str) -> str:
-        function = re.sub(r"__mutmut_\d+$", "", name)
-        reaching = reaching_tests.get(function, ())
-        tests = test_order(function, reaching, durations)
+    def stopped(self, name: str) -> str:
+        """A run stopped at the cap: a mutant that hangs before any test runs (rule loading at import, which every
+        test collects) times out collecting them too, and is a timeout; otherwise tests were still passing."""
+        if self.pytest(name, ["--collect-only", *self.tests(name)], COLLECT_LIMIT_S) is None:
+            return f"timeout (collecting its tests did not end in {COLLECT_LIMIT_S} s)"
+        return f"survived (stopped after {CAP_S} s)"
+
+    def verdict(self, name: str) -> str:
+        tests = self.tests(name)
         if not tests:
             return "no tests"
         # a mutant in an infinite loop runs past three times its tests' time: a timeout, which counts as killed.  A
@@ -119,22 +130,45 @@ def run_sample(sample: list[str], jobs: int) -> None:
         # minutes on one core: after CAP_S it stops and counts as survived, so the share is a lower bound.  A mutant
         # that makes one test hang (a teardown that waits forever) fails that test at its own limit, so the run goes on
         # to a verdict instead of to the cap (mutation_timeouts_plugin.py)
-        natural = 60 + 3 * sum(durations.get(t, 0) for t in tests)
-        code = pytest(name, ["-p", "mutation_timeouts_plugin", *tests], min(natural, CAP_S))
+        natural = 60 + 3 * sum(self.durations.get(t, 0) for t in tests)
+        code = self.pytest(name, ["-p", "mutation_timeouts_plugin", *tests], min(natural, CAP_S))
         if code is None and natural > CAP_S:
-            return f"survived (stopped after {CAP_S} s)"
+            return self.stopped(name)
         if code in (None, 0, 1):
             return {None: "timeout", 0: "survived", 1: "killed"}[code]
         # pytest stopped before or outside the tests (a usage or internal error: a mutant of the rule parser breaks the
         # plugin's start); that is the mutant's doing only if the same tests start without it.  Collecting them is
         # enough to know (the suite passes unmutated), and for a function every test reaches, running them all again
         # would not end within the cap
-        clean = pytest("", ["--collect-only", *tests], CAP_S)
+        clean = self.pytest("", ["--collect-only", *tests], CAP_S)
         return f"killed (pytest exit {code})" if clean == 0 else f"suspicious (exit {code}; {clean} without the mutant)"
 
+
+def run_sample(sample: list[str], jobs: int) -> None:
+    """Each mutant's verdict as a `name: status` line (the format `mutmut results` prints), in sample order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = _Runs()
     with ThreadPoolExecutor(jobs) as pool:
-        for name, status in zip(sample, pool.map(verdict, sample)):
+        for name, status in zip(sample, pool.map(runs.verdict, sample)):
             print(f"    {name}: {status}", flush=True)
+
+
+def recheck_stopped(results: str, jobs: int) -> None:
+    """The verdicts of ``results`` again, with each mutant stopped at the cap checked for a hang (``_Runs.stopped``):
+    for a run made before that check existed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = _Runs()
+    lines = Path(results).read_text().splitlines()
+
+    def again(line: str) -> str:
+        name, _, status = line.strip().partition(": ")
+        return f"    {name}: {runs.stopped(name)}" if status.startswith("survived (stopped") else line
+
+    with ThreadPoolExecutor(jobs) as pool:
+        for line in pool.map(again, lines):
+            print(line, flush=True)
 
 
 #: Test files that exercise a module most directly, where they are not named ``test_<module>.py``.
@@ -263,6 +297,8 @@ def report(verdicts: dict[str, tuple[str, str]], sample: list[str] | None, wante
 def main(argv: list[str]) -> None:
     if argv[0] == "run":
         run_sample(Path(argv[1]).read_text().split(), int(argv[2]))
+    elif argv[0] == "recheck":
+        recheck_stopped(argv[1], int(argv[2]))
     elif argv[0] == "draw":
         results, fraction, seed, *wanted = argv[1:]
         print("\n".join(draw(read_results(results, wanted), float(fraction), int(seed))))
