@@ -23,7 +23,7 @@ import types
 import typing
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, Field, ValidationError
@@ -340,16 +340,23 @@ def _resolve(
         env=tuple(sorted({**parsed.defaults.env, **entry.env}.items())),
         timeout_s=entry.timeout_s or timeout,
         host=parsed.defaults.host,
-        bench=entry.bench or parsed.defaults.bench,
+        bench=_overlaid(parsed.defaults.bench, entry.bench),
         known_failure=entry.known_failures.get(name),
         matrix_path=str(locate.path),
         uses_gpus=get_engine(engine).spec.uses_gpus,
         nodes=nodes,
-        accuracy=parsed.defaults.accuracy.model_copy(update=entry.accuracy.model_dump(exclude_unset=True))
-        if entry.accuracy else parsed.defaults.accuracy,
-        agreement=parsed.defaults.agreement.model_copy(update=entry.agreement.model_dump(exclude_unset=True))
-        if entry.agreement else parsed.defaults.agreement,
+        accuracy=_overlaid(parsed.defaults.accuracy, entry.accuracy),
+        agreement=_overlaid(parsed.defaults.agreement, entry.agreement),
     )
+
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+def _overlaid(default: SpecT, own: SpecT | None) -> SpecT:
+    """A model's ``bench``/``accuracy``/``agreement`` block over the defaults' one, key by key (docs/matrix.md): a
+    model that sets only ``bench.batch_sizes`` keeps the defaults' ``input_len``, not the seed's 4096."""
+    return default.model_copy(update=own.model_dump(exclude_unset=True)) if own is not None else default
 
 
 def _mark_reference(configs: list[ServerConfig], model: str, entry: ModelEntry, locate: _Locator) -> None:

@@ -263,6 +263,15 @@ def test_choices_without_an_index_are_request_0_and_a_one_chunk_request_has_no_l
     assert timing.first_token_s == (1.0,) and timing.latency_s == 2.0  # readings: start 0, the chunk 1, the end 2
 
 
+def test_an_index_left_out_as_the_default_is_request_0_beside_the_others():
+    """A front end that writes JSON the proto3 way leaves out fields at their default, so only request 0 has no
+    ``index``; its tokens are request 0's, beside request 1's."""
+    chunks = [_chunk(token_ids=[5]), _chunk(index=1, token_ids=[6]), _chunk(index=1, token_ids=[7]), b"data: [DONE]"]
+    with _Lines(chunks) as url:
+        timing = stream_completion(url, "m", [[1], [2]], 2, clock=ticking_clock())
+    assert timing.tokens == (1, 2) and timing.first_token_s == (1.0, 2.0)
+
+
 def test_tokens_are_timed_as_they_arrive_not_when_the_response_is_complete():
     """The first token comes at once and the rest a second later: a client that read the whole body first would
     time every token at the end (a TTFT of a second, the decode window empty)."""

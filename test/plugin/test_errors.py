@@ -44,6 +44,9 @@ def test_every_pattern_example_classifies_to_its_own_type(pattern: errors.Patter
     got = classify(pattern.example)
     assert got.error_type == pattern.error_type, (pattern.id, got)
     assert got.pattern_id == pattern.id
+    # and inside a log, as it is found: a line start or end in the regex is one of the log's lines, not its edges
+    in_log = classify(f"INFO starting worker 0\n{pattern.example}\nINFO worker 0 stopped\n")
+    assert (in_log.error_type, in_log.pattern_id) == (pattern.error_type, pattern.id)
 
 
 @pytest.mark.parametrize("pattern", RULES.cascade, ids=lambda p: p.id)

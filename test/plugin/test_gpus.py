@@ -315,6 +315,22 @@ def test_a_served_waiter_leaves_the_queue_and_its_files(tmp_path: Path) -> None:
         GpuLeaser(tmp_path, gpus=[]).acquire(1, config_id="c")
 
 
+def test_a_dead_waiter_dropped_by_two_processes_at_once_is_no_error(tmp_path: Path, monkeypatch) -> None:
+    """Every waiter prunes the queue's dead entries; two that find the same dead one both remove its file, and the
+    second must not fail on the file the first already removed."""
+    leaser = GpuLeaser(tmp_path, gpu_indices=range(1))
+    leaser._waiter_path(7).touch()
+
+    def lock_and_lose_the_race(fd: int) -> bool:
+        leaser._waiter_path(7).unlink()  # the other pruner, between our open and our unlink
+        return True
+
+    monkeypatch.setattr(gpus, "_try_lock", lock_and_lose_the_race)
+    state = {"waiters": [{"ticket": 7}, {"ticket": 8}]}
+    leaser._drop_dead_waiters(state, own_ticket=8)
+    assert state["waiters"] == [{"ticket": 8}] and not leaser._waiter_path(7).exists()
+
+
 def test_a_release_frees_only_its_own_gpus_and_logs_its_lease(tmp_path: Path) -> None:
     log = tmp_path / "logs" / "leases-elsewhere.jsonl"
     log.parent.mkdir()

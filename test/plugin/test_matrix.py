@@ -68,7 +68,7 @@ def test_smoke_matrix_has_two_architectures_tp1_tp2_and_the_crashing_ep_config()
         (MINIMAL.replace("engine: sglang", "engine: vllm").replace("    tp: [1, 8]", "    configs: [{tp: 4, ep: 2}]"),
          r"engine vllm takes expert parallelism as a switch \(EP size = TP\), so EP must be 1 or 4, not 2"),
         (MINIMAL + "    known_failures: {TP2_auto: {error_type: Crash, reason: r, issue: https://x/1, expires: 2030-01-01}}\n", r"known_failures names 'TP2_auto', which is not a config of M"),
-        (MINIMAL + "    known_failures: {TP1_auto: {error_type: Melted, reason: r, issue: https://x/1, expires: 2030-01-01}}\n", r"unknown error_type 'Melted' \(allowed: OOM, Timeout,"),
+        (MINIMAL + "    known_failures: {TP1_auto: {error_type: Melted, reason: r, issue: https://x/1, expires: 2030-01-01}}\n", r"matrix.yaml:7: models.M.known_failures.TP1_auto.error_type: unknown error_type 'Melted' \(allowed: OOM, Timeout,"),
         # the same cell twice: once from tp, once from configs; the second one's line and key are named
         (MINIMAL.replace("    tp: [1, 8]", "    tp: [1]\n    configs:\n      - {tp: 1}"),
          r"matrix.yaml:8: models.M.configs\[0\]: config M::TP1_auto is defined twice$"),
@@ -145,6 +145,34 @@ models:
     assert cfgs["M::TP8_EP2_auto"].args == ("--a", "--r")
     assert cfgs["M::TP8_EP2_auto"].timeout_s == 10
     assert cfgs["M::TP8_EP4_triton"].args == ("--a", "--r", "--x")
+
+
+def test_a_models_bench_accuracy_and_agreement_override_the_defaults_key_by_key(tmp_path):
+    text = """\
+defaults:
+  engine: sglang
+  bench: {input_len: 16, output_len: 8, warmup: 0}
+  accuracy: {n: 20, shots: 2}
+  agreement: {threshold: 0.9}
+models:
+  Own:
+    path: org/own
+    tp: [1]
+    bench: {batch_sizes: [1, 4]}
+    accuracy: {floor: 0.8}
+    agreement: {max_tokens: 16}
+  Plain:
+    path: org/plain
+    tp: [1]
+"""
+    cfgs = load_matrix(_write(tmp_path, text)).by_id()
+    own, plain = cfgs["Own::TP1_auto"], cfgs["Plain::TP1_auto"]
+    assert (own.bench.batch_sizes, own.bench.input_len, own.bench.output_len, own.bench.warmup) == ([1, 4], 16, 8, 0)
+    assert (own.accuracy.floor, own.accuracy.n, own.accuracy.shots) == (0.8, 20, 2)
+    assert (own.agreement.max_tokens, own.agreement.threshold) == (16, 0.9)
+    # a model with no block of its own has the defaults' blocks, and the seed's values where they say nothing
+    assert (plain.bench.batch_sizes, plain.bench.input_len, plain.bench.batch_size) == (None, 16, 1)
+    assert (plain.accuracy.floor, plain.accuracy.n, plain.agreement.max_tokens) == (None, 20, 32)
 
 
 def _read(tmp_path, text: str):
