@@ -59,6 +59,9 @@ def test_smoke_matrix_has_two_architectures_tp1_tp2_and_the_crashing_ep_config()
         (MINIMAL.replace("tp: [1, 8]", "tp: [0]"), r"TP 0 is not a positive power of two"),
         (MINIMAL.replace("    tp: [1, 8]", "    tp: [1, 8]\n    colour: red"),
          r"matrix.yaml:7: models.M.colour: unknown key 'colour' \(allowed: path, engine, precision, quantization, tp,"),
+        # an unknown key inside a list: the allowed keys are those of the list's elements
+        (MINIMAL.replace("    tp: [1, 8]", "    tp: [1]\n    configs: [{tp: 2, bogus: 2}]"),
+         r"matrix.yaml:7: models.M.configs\[0\].bogus: unknown key 'bogus' \(allowed: tp, nodes, ep, moe_backend, args\)$"),
         (MINIMAL.replace("engine: sglang", "engine: trtllm"), r"matrix.yaml:2: defaults.engine: unknown engine 'trtllm' \(allowed: sglang, vllm, vllm-cpu\)"),
         (MINIMAL.replace("    tp: [1, 8]", "    tp: [4]\n    configs: [{tp: 4, ep: 3}]"), r"EP 3 does not divide TP 4"),
         (MINIMAL.replace("    tp: [1, 8]", "    tp: [2]\n    moe_backends: [warp9]"), r"matrix.yaml:7: models.M.moe_backends\[0\]: unknown MoE backend 'warp9' for engine sglang \(allowed: auto,"),
@@ -89,7 +92,7 @@ def test_smoke_matrix_has_two_architectures_tp1_tp2_and_the_crashing_ep_config()
         (MINIMAL.replace("path: org/m", "path: org/m\n    timeout_s: '" + "x" * 78 + "'"), r"\(got '" + "x" * 78 + r"'\)$"),
         (MINIMAL.replace("path: org/m", "path: org/m\n    timeout_s: '" + "x" * 79 + "'"), r"\(got '" + "x" * 76 + r"\.\.\.\)$"),
     ],
-    ids=["tp-not-power-of-two", "tp-zero", "unknown-key", "unknown-engine", "ep-not-dividing-tp", "unknown-backend",
+    ids=["tp-not-power-of-two", "tp-zero", "unknown-key", "unknown-key-in-a-list", "unknown-engine", "ep-not-dividing-tp", "unknown-backend",
          "duplicate-key", "bad-yaml", "missing-models", "vllm-ep-switch", "known-failure-unknown-config",
          "known-failure-unknown-type", "cell-defined-twice", "unknown-default-backend", "unknown-config-backend",
          "unknown-model-engine", "no-cells", "unknown-reference", "unknown-relative-metric", "unknown-model-metric",
