@@ -21,15 +21,18 @@ time limit a timeout.
 
 from __future__ import annotations
 
+import getpass
 import itertools
 import json
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -96,8 +99,10 @@ class _Runs:
     def pytest(self, mutant: str, tests: list[str], limit: float) -> int | None:
         """pytest's exit status with ``mutant`` switched on ("" for none), or None past ``limit`` seconds."""
         tag = f"{os.getpid()}-{next(self._runs)}"
+        # a temporary folder of the run's own: the tests' servers work in it, which names this run's orphans
+        basetemp = Path(tempfile.gettempdir(), f"pytest-moe-mutation-{getpass.getuser()}", tag)
         command = [sys.executable, "-m", "pytest", "-x", "-q", "--tb=no", "-p", "no:cacheprovider", "-p", "no:randomly",
-                   "-p", "no:xdist", *tests]
+                   "-p", "no:xdist", f"--basetemp={basetemp}", *tests]
         with subprocess.Popen(command, cwd="mutants", env=dict(self.env, MUTANT_UNDER_TEST=mutant, **{RUN_TAG: tag}),
                               start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
@@ -112,7 +117,8 @@ class _Runs:
                 except ProcessLookupError:
                     pass
                 process.wait()
-                _kill_leftovers(tag)
+                _kill_leftovers(tag, basetemp)
+                shutil.rmtree(basetemp, ignore_errors=True)
 
     def stopped(self, name: str) -> str:
         """A run stopped at the cap: a mutant that hangs before any test runs (rule loading at import, which every
@@ -213,27 +219,24 @@ def tests_by_function(stats: dict, child_hits: Path) -> dict[str, set[str]]:
     return reaching
 
 
-def _kill_leftovers(tag: str) -> None:
+def _kill_leftovers(tag: str, basetemp: Path) -> None:
     """Servers a run started in sessions of their own outlive its session when a teardown mutant breaks the cleanup
     (seen: fake vLLM servers left by `_members` mutants, which failed the next end-to-end run's "no vLLM server is
     running" guard); they carry the run's tag in their environment.
 
     Not every leftover can be read that way: a process that retitles itself (vLLM's ``VLLM::Worker_TP1``, through
     setproctitle) overwrites the memory ``/proc/PID/environ`` shows.  One such worker, left by a mutant of the
-    two-member vLLM test, outlived a sample and failed a verification run's fault tests.  So an orphan of this user
-    (its parent gone, adopted by init) working in a pytest temporary directory is a leftover too: a test's server
-    runs there, and while its test runs its parent is alive."""
-    import getpass
-    import tempfile
-
+    two-member vLLM test, outlived a sample and failed a verification run's fault tests.  So a process working in
+    the run's own ``--basetemp`` is a leftover too, once the run is over (the other job's are in its own folder;
+    an orphan of any run is no sign: a test that kills pytest on purpose leaves orphaned janitors doing their job)."""
     import psutil
 
-    test_dirs = os.path.join(tempfile.gettempdir(), f"pytest-of-{getpass.getuser()}") + os.sep
+    inside = str(basetemp) + os.sep
     for proc in psutil.process_iter():
         try:
             if proc.uids().real != os.getuid():
                 continue
-            if proc.environ().get(RUN_TAG) == tag or (proc.ppid() == 1 and proc.cwd().startswith(test_dirs)):
+            if proc.environ().get(RUN_TAG) == tag or (proc.cwd() + os.sep).startswith(inside):
                 proc.kill()
         except psutil.Error:
             continue
