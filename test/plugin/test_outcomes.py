@@ -346,8 +346,11 @@ def test_pytest_timeouts_thread_method_records_the_config_and_kills_its_tree_bef
     """pytest-timeout's ``thread`` method ends the process with ``os._exit(1)``: no teardown and no report run, so
     the plugin's own timer records the config and kills its server first (the real-engine case is in test_faults.py)."""
     (tmp_path / "matrix.yaml").write_text(HANG_MATRIX)
+    # output captured while the server loads, which pytest-timeout shows on expiry (it is no report's any more)
+    (tmp_path / "says_something.py").write_text(
+        "import pytest\n\n@pytest.fixture(autouse=True)\ndef says_something():\n    print('SAID BEFORE THE HANG')\n")
     log = tmp_path / "res" / "logs" / "Hang_TP1_auto.log"
-    argv = [*_nightly_argv(tmp_path), "--timeout", "4", "--timeout-method", "thread"]
+    argv = [*_nightly_argv(tmp_path), "--timeout", "4", "--timeout-method", "thread", "-p", "says_something"]
     proc = subprocess.run([sys.executable, "-m", "pytest", *argv], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, start_new_session=True)
     pids = _pids_in(log)
@@ -359,6 +362,8 @@ def test_pytest_timeouts_thread_method_records_the_config_and_kills_its_tree_bef
         banner = "+" * 35 + " Timeout " + "+" * 35
         banners = [line for line in proc.stderr.splitlines() if line.strip("+") == " Timeout "]
         assert banners == [banner, banner] and "Thread" in proc.stderr  # every thread's stack between the banners
+        captured = "~" * 30 + " Captured stdout " + "~" * 30 + "\nSAID BEFORE THE HANG\n"
+        assert captured in proc.stderr.split(banner)[1]
         deadline = time.monotonic() + 10  # killed with no grace: only the kernel's reaping is left
         while (alive := [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]) \
                 and time.monotonic() < deadline:

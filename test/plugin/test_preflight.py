@@ -500,6 +500,15 @@ def test_online_fp8_halves_the_weights_and_the_fix_can_name_tp16():
     assert "187.5 GiB of weights per GPU at TP 8 (1611 GB estimated / 8)" in oom.message  # 1500 GiB = 1611 GB
 
 
+def test_the_suggested_tp_leaves_room_for_the_kv_cache_floor_not_only_the_weights():
+    qwen, h200 = model("qwen3-30b-a3b.json"), gpu_spec("H200", 8)
+    budget_gib = 0.92 * h200.memory_bytes / GIB  # vLLM's default fraction
+    weights_gib = 2 * (budget_gib - 2)  # at TP 2 the weights fit with 2 GiB to spare: less than the 4 GiB KV floor
+    assert weights_gib / 2 <= budget_gib < weights_gib / 2 + 4 and weights_gib / 4 + 4 <= budget_gib
+    [oom] = check(replace(qwen, weight_bytes=int(weights_gib * GIB)), LaunchPlan(engine="vllm", tp=1), h200)
+    assert oom.message.endswith("use --tensor-parallel-size 4.")
+
+
 def test_a_block_scale_other_than_128x128_gets_no_cutlass_prediction():
     """vLLM's FlashInfer CUTLASS knows 128x128 block-scale FP8 and per-tensor FP8; another block is neither, so
     preflight predicts nothing rather than judging it as per-tensor (which an A100, SM 8.0, would fail)."""
