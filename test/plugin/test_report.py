@@ -71,6 +71,15 @@ def test_shell_line_puts_environment_first_and_quotes():
     assert line == "env A=1 B=2 python -m x --bind '0|1'"
 
 
+def test_a_command_without_environment_is_the_command_alone_and_a_run_without_checks_has_no_tables():
+    from pytest_moe.report import checks_table
+
+    assert shell_line(["vllm", "serve", "m"], {}) == shell_line(["vllm", "serve", "m"]) == "vllm serve m"
+    bench_only = [{"model": "M", "config": "TP1_auto", "checks": {"benchmark": {"status": "passed", "rows": []}}}]
+    assert checks_table(bench_only) == checks_table([]) == ""
+    assert summary_markdown([], []) == "## pytest-moe: 0 succeeded, 0 failed\n"
+
+
 def test_checks_table_shows_verdict_figures_and_bare_failures():
     checks = {
         "benchmark": {"status": "passed", "rows": [{**{k: SEED_ROW[k] for k in ("batch_size", "input_len", "latency_s")}},

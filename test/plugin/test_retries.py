@@ -129,7 +129,8 @@ def test_override_replaces_the_count_of_retried_types_only() -> None:
     ("data", "match"),
     [
         ({"rules": [{"error_type": "Melted", "retries": 1, "why": "w"}]}, r"x.yaml: rules.0.error_type: 'Melted' is not an error type"),
-        ({"rules": [{"error_type": "OOM", "retries": 1, "why": "w"}], "never": ["OOM"]}, r"OOM is listed in 'never' but a rule retries it"),
+        ({"rules": [{"error_type": "OOM", "retries": 1, "why": "w"}], "never": ["OOM"]}, r"^x.yaml: top level: OOM is listed in 'never' but a rule retries it\.$"),
+        ([], r"^x.yaml: top level: Input should be a valid dictionary"),
         ({"rules": [{"error_type": "NCCL", "retries": 9, "why": "w"}]}, r"rules.0.retries: Input should be less than or equal to 5"),
         ({"rules": [{"error_type": "NCCL", "retries": 1, "why": "w", "match": "(x"}]}, r"rules.0.match: invalid regex"),
         ({"rules": [{"error_type": "NCCL", "retries": "1", "why": "w"}]}, r"rules.0.retries: Input should be a valid integer"),

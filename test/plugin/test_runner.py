@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -196,3 +197,34 @@ def test_an_entry_that_was_never_recorded_is_none_and_a_recorded_one_is_what_was
     assert cell.recorded is None
     written = cell.record(store)
     assert cell.recorded == written and written["status"] == str(Status.SUCCESS)
+
+
+def test_a_check_sees_the_running_server_and_where_this_config_writes(tmp_path, stand_in):
+    seen = {}
+
+    class Looks:
+        name = "looks"
+
+        def run(self, ctx):
+            seen["ctx"] = ctx
+            return CheckResult(status=CheckStatus.PASSED)
+
+    cell = _cell(tmp_path, profile=True)
+    cell.server = SimpleNamespace(base_url="http://127.0.0.1:9", served_name="pytest-moe/x/abc123",
+                                  profile_dir=tmp_path / "launch-traces")
+    result = cell.run_check(Looks())
+    ctx = seen["ctx"]
+    assert cell.results == {"looks": result}
+    assert (ctx.cfg, ctx.base_url, ctx.served_name) == (cell.cfg, "http://127.0.0.1:9", "pytest-moe/x/abc123")
+    assert ctx.out_dir == tmp_path / "checks" / "fake_TP1_auto" and ctx.results_dir == tmp_path
+    assert ctx.profile_dir == tmp_path / "traces" / "fake" / "TP1_auto"
+    assert ctx.launch_profile_dir == tmp_path / "launch-traces"
+
+
+def test_an_entry_with_no_check_of_its_own_keeps_last_nights_checks(tmp_path, stand_in):
+    store = ResultsStore(tmp_path)
+    night1 = _cell(tmp_path)
+    night1.results = {"benchmark": _bench(2.5)}
+    night1.record(store)
+    nothing_ran = _cell(tmp_path).record(store)  # every check deselected, the cell recorded all the same
+    assert set(nothing_ran["checks"]) == {"benchmark"} and nothing_ran["latency_s"] == 2.5
