@@ -66,3 +66,19 @@ def test_an_unknown_moe_config_is_named_with_three_known_ids_or_the_missing_matr
         f"--moe-config 'C::TP8_auto' is not a config of {path} (e.g. A::TP1_auto, B::TP1_auto, B::TP2_auto)")
     assert unknown_config_ids(["A::TP1_auto"], None) == (
         "--moe-config 'A::TP1_auto': no matrix is loaded to select it from; pass --moe-matrix PATH")
+
+
+def test_run_order_puts_references_first_then_the_most_gpus_and_other_tests_among_the_gpu_free():
+    """Items are sorted once (stably) by this key: an agreement reference runs first, then the configs needing most
+    GPUs; a test that is no matrix cell needs no GPU, so it keeps its place among the configs that need none."""
+    from dataclasses import replace
+
+    from pytest_moe.configs import AgreementSpec
+    from pytest_moe.selection import run_order
+
+    ref = replace(_cfg(2), name="TP2_N1_auto", agreement=AgreementSpec(reference="TP2_N1_auto"))
+    cpu = replace(_cfg(1), engine="vllm-cpu", uses_gpus=False)
+    items = [("cpu-first", cpu), ("plain", None), ("tp8", _cfg(8)), ("ref", ref), ("tp4", _cfg(4)), ("cpu-last", cpu)]
+    assert cpu.gpus_needed == 0 and ref.is_reference
+    ordered = [name for name, cfg in sorted(items, key=lambda item: run_order(item[1]))]
+    assert ordered == ["ref", "tp8", "tp4", "cpu-first", "plain", "cpu-last"]

@@ -204,6 +204,7 @@ def test_waivers_on_a_bad_matrix_is_a_usage_error(tmp_path, capsys) -> None:
     ({"last_updated": "2026-11-24T01:00:00"}, {"status": "failed", "error_type": "OOM", "last_updated": "2026-11-25T01:00:00"},
      "failed: OOM"),                                  # the newer entry wins
     ({"last_updated": "2026-11-24T01:00:00"}, {"status": "failed", "error_type": "OOM"}, "passed"),  # an undated failure
+    ({"status": "success"}, {"status": "failed", "error_type": "OOM", "last_updated": "2026-11-25T01:00:00"}, "failed: OOM"),  # an undated success
 ])
 def test_the_last_outcome_is_the_newer_entry(tmp_path, success, failure, expected) -> None:
     from pytest_moe.waivers import list_waivers
