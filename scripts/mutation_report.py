@@ -42,6 +42,7 @@ KILLED = ("killed", "timeout")
 CAP_S = int(os.environ.get("MUTATION_CAP_S", "240"))
 #: Collecting every test of the fast suite took 7 s on a loaded 2-core machine; 90 s is a hang, not a slow start.
 COLLECT_LIMIT_S = 90
+HUNG = f"timeout (collecting its tests did not end in {COLLECT_LIMIT_S} s)"
 #: Set in each pytest run's environment, so whatever it leaves running can be found (``_kill_leftovers``).
 RUN_TAG = "PYTEST_MOE_MUTATION_RUN"
 
@@ -120,12 +121,13 @@ class _Runs:
                 _kill_leftovers(tag, basetemp)
                 shutil.rmtree(basetemp, ignore_errors=True)
 
-    def stopped(self, name: str) -> str:
-        """A run stopped at the cap: a mutant that hangs before any test runs (rule loading at import, which every
+    def hangs(self, name: str) -> bool:
+        """For a run stopped at the cap: a mutant that hangs before any test runs (rule loading at import, which every
         test collects) times out collecting them too, and is a timeout; otherwise tests were still passing."""
-        if self.pytest(name, ["--collect-only", *self.tests(name)], COLLECT_LIMIT_S) is None:
-            return f"timeout (collecting its tests did not end in {COLLECT_LIMIT_S} s)"
-        return f"survived (stopped after {CAP_S} s)"
+        return self.pytest(name, ["--collect-only", *self.tests(name)], COLLECT_LIMIT_S) is None
+
+    def stopped(self, name: str) -> str:
+        return HUNG if self.hangs(name) else f"survived (stopped after {CAP_S} s)"
 
     def verdict(self, name: str) -> str:
         tests = self.tests(name)
@@ -170,7 +172,7 @@ def recheck_stopped(results: str, jobs: int) -> None:
 
     def again(line: str) -> str:
         name, _, status = line.strip().partition(": ")
-        return f"    {name}: {runs.stopped(name)}" if status.startswith("survived (stopped") else line
+        return f"    {name}: {HUNG}" if status.startswith("survived (stopped") and runs.hangs(name) else line
 
     with ThreadPoolExecutor(jobs) as pool:
         for line in pool.map(again, lines):
