@@ -18,6 +18,11 @@
 # After the tests change, start over with MUTATION_FRESH=1: mutmut 3.8's incremental bookkeeping (new tests
 # only) failed on this suite (BadTestExecutionCommandsException).
 #
+# How a sampled mutant is judged (mutation_report.py): its function's tests run with the module's own test files first,
+# then fastest first; each test has a limit of 30 s plus three times its unmutated call (a hang fails that test, a
+# timeout, which counts as killed); a run past MUTATION_CAP_S is a survivor unless its tests do not even collect within
+# 90 s (a hang in rule loading).  Each run has its own --basetemp, and whatever still works in it afterwards is killed.
+#
 # A function reached only inside a child process (a pytester subprocess, the janitor started by a server) is not
 # seen by mutmut's per-test bookkeeping; scripts/mutation_site/sitecustomize.py records those hits, and
 # mutation_report.py runs such a function's mutants against the tests that reach it that way too (with the
