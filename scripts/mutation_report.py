@@ -48,8 +48,9 @@ RUN_TAG = "PYTEST_MOE_MUTATION_RUN"
 
 
 def killed(status: str) -> bool:
-    """Killed, timed out, or stopped pytest from starting where it starts without the mutant."""
-    return status in KILLED or status.startswith(("killed (", "timeout ("))
+    """Killed, timed out, or stopped pytest from starting where it starts without the mutant ("killed (pytest exit
+    4)", "timeout (collecting …)")."""
+    return status.partition(" (")[0] in KILLED
 
 
 def read_results(path: str, wanted: list[str]) -> dict[str, tuple[str, str]]:
@@ -126,9 +127,6 @@ class _Runs:
         test collects) times out collecting them too, and is a timeout; otherwise tests were still passing."""
         return self.pytest(name, ["--collect-only", *self.tests(name)], COLLECT_LIMIT_S) is None
 
-    def stopped(self, name: str) -> str:
-        return HUNG if self.hangs(name) else f"survived (stopped after {CAP_S} s)"
-
     def verdict(self, name: str) -> str:
         tests = self.tests(name)
         if not tests:
@@ -141,7 +139,7 @@ class _Runs:
         natural = 60 + 3 * sum(self.durations.get(t, 0) for t in tests)
         code = self.pytest(name, ["-p", "mutation_timeouts_plugin", *tests], min(natural, CAP_S))
         if code is None and natural > CAP_S:
-            return self.stopped(name)
+            return HUNG if self.hangs(name) else f"survived (stopped after {CAP_S} s)"
         if code in (None, 0, 1):
             return {None: "timeout", 0: "survived", 1: "killed"}[code]
         # pytest stopped before or outside the tests (a usage or internal error: a mutant of the rule parser breaks the
@@ -163,7 +161,7 @@ def run_sample(sample: list[str], jobs: int) -> None:
 
 
 def recheck_stopped(results: str, jobs: int) -> None:
-    """The verdicts of ``results`` again, with each mutant stopped at the cap checked for a hang (``_Runs.stopped``):
+    """The verdicts of ``results`` again, with each mutant stopped at the cap checked for a hang (``_Runs.hangs``):
     for a run made before that check existed."""
     from concurrent.futures import ThreadPoolExecutor
 

@@ -11,6 +11,7 @@ up on a loaded machine, which would be a kill no mutant caused.
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ STATS = "PYTEST_MOE_MUTATION_STATS"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    durations = json.loads(open(os.environ[STATS], encoding="utf-8").read())["duration_by_test"]
+    durations = json.loads(Path(os.environ[STATS]).read_text(encoding="utf-8"))["duration_by_test"]
     for item in items:
         limit = 30 + 3 * durations.get(item.nodeid, 0)
         item.add_marker(pytest.mark.timeout(limit, method="thread", func_only=True))
