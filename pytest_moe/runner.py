@@ -27,7 +27,7 @@ from pytest_moe.report import repro_command, shell_line
 from pytest_moe.results import ResultsStore
 from pytest_moe.retries import Attempt, entry_fields, retry_launch
 from pytest_moe.scoring import predict_booted
-from pytest_moe.server import Progress, Server, ServerError
+from pytest_moe.server import Progress, Server, ServerError, tail
 from pytest_moe.tiny import TINY_PREFIX, resolve_model_path
 
 #: The seed's fixed pause between configs; used when no GPU memory wait could replace it.
@@ -80,8 +80,9 @@ class CellRun:
         self.log_path = opts.log_dir / f"{safe_name(cfg.id)}.log"
         self.profile_dir = opts.results_dir / "traces" / safe_name(cfg.model) / safe_name(cfg.name) if opts.profile else None
         self.server: Server | None = None
-        #: Why the one boot failed: every check of the config fails with it instead of booting again.
-        self.boot_error: ServerError | None = None
+        #: Why the server can serve no further check (its one boot failed, or a check timed out on it): every
+        #: later check of the config fails with it instead of booting again or waiting out its own timeout.
+        self.server_error: ServerError | None = None
         #: Results of the checks that ran, in run order.
         self.results: dict[str, CheckResult] = {}
         #: The first failure that was not a check's verdict (boot, crash, timeout): it sticks, so a later
@@ -96,13 +97,13 @@ class CellRun:
     # -- running -----------------------------------------------------------------------------------
     def ensure_server(self) -> Server:
         """The config's server, booted on its first check; a failed boot is not retried by later checks."""
-        if self.boot_error is not None:
-            raise self.boot_error
+        if self.server_error is not None:
+            raise self.server_error
         if self.server is None:
             try:
                 self.start_server()
             except ServerError as exc:
-                self.boot_error = exc
+                self.server_error = exc
                 raise
         return self.server
 
@@ -213,8 +214,18 @@ class CellRun:
         )
 
     def check_raised(self, check: Check, failure: Classification) -> None:
-        """A check that ended in an exception still gets its block (``status: failed``) in the entry."""
+        """A check that ended in an exception still gets its block (``status: failed``) in the entry.
+
+        A check that timed out leaves a server presumed hung (a frozen engine answers no request, so each later
+        check would wait out its own timeout, an hour each in a nightly): it is stopped now, which also ends
+        the requests still waiting on it, and the config's later checks fail at once saying why.
+        """
         self.results.setdefault(check.name, CheckResult(status=CheckStatus.FAILED, verdict=failure.message))
+        if failure.error_type == ErrorType.TIMEOUT and self.server is not None and self.server_error is None:
+            self.server.stop()
+            self.server_error = ServerError(
+                f"not run: the {check.name} check timed out on the server of {self.cfg.id}, which was then stopped",
+                log_path=self.log_path, log_tail=tail(self.log_path), timed_out=True)
 
     def first_failed_check(self) -> Classification | None:
         """A check whose verdict failed, as the failure the entry reports (the first one that ran)."""

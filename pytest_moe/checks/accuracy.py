@@ -130,8 +130,13 @@ class AccuracyCheck(Check):
                 f"{spec.shots} shots + n={spec.n} need {spec.shots + spec.n}")
         shots, asked = questions[: spec.shots], questions[spec.shots : spec.shots + spec.n]
         started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=spec.parallel) as pool:
+        pool = ThreadPoolExecutor(max_workers=spec.parallel)
+        try:
             outputs = list(pool.map(lambda q: _complete(ctx, spec, few_shot_prompt(shots, q)), asked))
+        finally:
+            # Not ``with``: its exit waits for every request, and after pytest-timeout or Ctrl-C stops this thread
+            # a hung server answers none of them for the read timeout (600 s each).  They end when the server is stopped.
+            pool.shutdown(wait=False, cancel_futures=True)
         seconds = time.perf_counter() - started
         rows = []
         for question, output in zip(asked, outputs):

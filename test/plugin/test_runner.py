@@ -228,3 +228,33 @@ def test_an_entry_with_no_check_of_its_own_keeps_last_nights_checks(tmp_path, st
     night1.record(store)
     nothing_ran = _cell(tmp_path).record(store)  # every check deselected, the cell recorded all the same
     assert set(nothing_ran["checks"]) == {"benchmark"} and nothing_ran["latency_s"] == 2.5
+
+
+class _Stoppable:
+    """Stands in for a running server: counts its stops."""
+
+    def __init__(self):
+        self.stops = 0
+
+    def stop(self):
+        self.stops += 1
+
+
+@pytest.mark.parametrize("error_type, stops", [(ErrorType.TIMEOUT, 1), (ErrorType.OOM, 0), (ErrorType.CRASH, 0)])
+def test_a_check_that_timed_out_stops_the_server_and_the_configs_later_checks_fail_at_once(
+        tmp_path, stand_in, error_type, stops):
+    cell = _cell(tmp_path)
+    server = cell.server = _Stoppable()
+    check = SimpleNamespace(name="benchmark")
+    cell.check_raised(check, runner.Classification(error_type, "Failed: Timeout (>3.0s) from pytest-timeout.", None))
+    assert server.stops == stops
+    assert cell.results["benchmark"].status == CheckStatus.FAILED
+    if not stops:
+        assert cell.ensure_server() is server  # the server serves the next check
+        return
+    with pytest.raises(ServerError) as raised:
+        cell.ensure_server()
+    assert raised.value.timed_out
+    assert str(raised.value).startswith("not run: the benchmark check timed out on the server of fake::TP1_auto")
+    cell.check_raised(SimpleNamespace(name="accuracy"), cell.classify_failure(raised.value, str(raised.value)))
+    assert server.stops == 1  # not stopped twice
