@@ -519,6 +519,9 @@ KNOWN_DEV_MISSES = {
     # "EngineArgs.__init__() got an unexpected keyword argument": a user's option (xorbitsai/inference#4196, vllm#3249:
     # InvalidArgument) or, here, a plugin written for another vLLM release passing one it removed; the line cannot tell
     "https://github.com/vllm-project/vllm-gaudi/pull/91": "a removed EngineArgs field passed by a plugin, not a user",
+    # "Unknown quantization method: X. Must be one of [...]": 4 of the corpus's 5 dev copies are read as a build that
+    # lacks the method (UnsupportedBackend); this thread's reader saw a value vLLM does not take (a plugin's name)
+    "https://github.com/HanGuo97/flute/issues/10": "an unknown --quantization value, mostly read as a missing method",
 }
 
 
