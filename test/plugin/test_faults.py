@@ -177,8 +177,8 @@ def test_pytest_timeout_during_the_benchmark(tmp_path, method):
         assert "pytest-timeout, thread method" in failure["error_message"]  # written by the backstop before os._exit
     else:  # the later checks did not wait on the frozen server: it was stopped, and each failed at once saying why
         assert re.findall(r"ERROR at setup of test_moe\[\S+-(\w+)\]", run.output) == ["accuracy", "agreement"]
-        assert re.findall(r"ServerError: not run: the benchmark check timed out on the server of (\S+),", run.output) == [
-            f"{model}::TP1_auto"] * 2
+        assert f"ServerError: not run: the benchmark check timed out on the server of {model}::TP1_auto, which was then " \
+            "stopped" in run.output  # in each section, and in the summary lines too where pytest sees CI set
     _assert_clean(run, f"pytest-moe/{model}_TP1_auto/")
 
 
