@@ -2,7 +2,11 @@
 
 Why a script and not a test: the test part of the corpus is a score to report, never a target to
 tune to (patterns are written looking at dev misses only), so no test asserts on it.
-Usage: python3 scripts/bench_classifier.py [--part test|dev|all] [--misses]
+Usage: python3 scripts/bench_classifier.py [--part test|dev|all] [--misses] [--agreement]
+
+``--agreement`` reads the score against a ceiling: on each sample of the corpus that a second person labelled
+blind (``pytest_moe/data/corpus/second_labels/``), how often the two labellers agree, and how often the
+classifier names the first label, the second, and the type both gave. Counts only: it never prints an excerpt.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from pytest_moe.corpus import CORPUS_DIR as CORPUS, Excerpt, Part, load_corpus
+from pytest_moe.corpus import CORPUS_DIR as CORPUS, SECOND_LABELS_DIR, Excerpt, Part, agreement, load_corpus, load_second_labels
 from pytest_moe.errors import ERROR_TYPES, LEARNED_ID, classify
 
 ABBREV = {t: "".join(c for c in t if c.isupper())[:4] or t[:4] for t in ERROR_TYPES}
@@ -45,17 +49,41 @@ def score(name: str, excerpts: list[Excerpt], show_misses: bool) -> None:
     print()
 
 
+def ceiling(corpus: list[Excerpt]) -> None:
+    first = {e.url: e for e in corpus}
+    second = load_second_labels(SECOND_LABELS_DIR, corpus)
+    for name in sorted({s.source_file for s in second}):
+        for part in Part:  # the classifier's figures on dev excerpts are on what it was fitted to: apart
+            mine = [s for s in second if s.source_file == name and first[s.url].part is part]
+            if not mine:
+                continue
+            a = agreement((first[s.url].label, s.label, s.sure, classify(first[s.url].excerpt).error_type) for s in mine)
+            print(f"== second labels {name}, {part.value} part: {a.n} excerpts")
+            print(f"   the two labellers agree on {a.agree} ({a.agree / a.n:.1%}); on {a.sure_agree} of the {a.sure} "
+                  f"the second was sure of ({a.sure_agree / max(a.sure, 1):.1%})")
+            print(f"   the classifier names the first label {a.classifier_first} ({a.classifier_first / a.n:.1%}), "
+                  f"the second {a.classifier_second} ({a.classifier_second / a.n:.1%}); of the {a.agree} both gave "
+                  f"one type, {a.classifier_on_agreed} ({a.classifier_on_agreed / max(a.agree, 1):.1%})")
+            pairs = ", ".join(f"{ABBREV[f]}->{ABBREV[s]} {n}" for (f, s), n in a.disagreements.most_common())
+            print(f"   where they differ (first->second): {pairs or 'nowhere'}")
+            print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["test", "dev", "all"], default="all",
                         help="which part to score (default: test, then dev labelled as such)")
     parser.add_argument("--misses", action="store_true", help="list misclassified excerpts (use on dev only)")
+    parser.add_argument("--agreement", action="store_true",
+                        help="also score against the second labels: the two labellers' agreement is the ceiling")
     args = parser.parse_args()
     corpus = load_corpus(CORPUS)
     parts = [Part.TEST, Part.DEV] if args.part == "all" else [Part(args.part)]
     print(f"corpus: {len(corpus)} excerpts in {CORPUS}")
     for part in parts:
         score(part.value, [e for e in corpus if e.part is part], args.misses and part is Part.DEV)
+    if args.agreement:
+        ceiling(corpus)
 
 
 if __name__ == "__main__":

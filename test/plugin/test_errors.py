@@ -17,7 +17,17 @@ import pytest
 import yaml
 
 from pytest_moe import errors, learned
-from pytest_moe.corpus import CORPUS_DIR, CorpusError, Part, load_corpus, part_of
+from pytest_moe.corpus import (
+    CORPUS_DIR,
+    SECOND_LABELS_DIR,
+    CorpusError,
+    Excerpt,
+    Part,
+    agreement,
+    load_corpus,
+    load_second_labels,
+    part_of,
+)
 from pytest_moe.datafiles import load_yaml
 from pytest_moe.errors import (
     ERROR_TYPES, Classification, ErrorPatternsError, classify, classify_file, normalize, read_log_tail,
@@ -562,6 +572,49 @@ def test_bad_corpus_entries_are_named(tmp_path: Path, text: str, match: str) -> 
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(CorpusError, match=match):
         load_corpus(tmp_path)
+
+
+def test_second_labels_name_corpus_excerpts_and_cover_both_parts() -> None:
+    corpus = load_corpus(CORPUS)
+    second = load_second_labels(SECOND_LABELS_DIR, corpus)
+    parts = {e.url: e.part for e in corpus}
+    assert len(second) >= 400
+    assert {parts[s.url] for s in second} == set(Part)
+
+
+_SAMPLE = [Excerpt("https://github.com/a/b/issues/1", "OOM", "x", "f.yaml")]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("- {url: 'https://github.com/a/b/issues/2', label: OOM, sure: true, why: w}\n",
+         r"second.yaml: entry 0: https://github.com/a/b/issues/2 is not in the corpus"),
+        ("- {url: 'https://github.com/a/b/issues/1', label: OOM, sure: 'true', why: w}\n", r"entry 0 \(sure\): Input should be a valid boolean"),
+        ("- {url: 'https://github.com/a/b/issues/1', label: Oom, sure: true, why: w}\n", r"entry 0 \(label\): Value error, label 'Oom'"),
+        ("- {url: 'https://github.com/a/b/issues/1', label: OOM, sure: true}\n", r"entry 0 \(why\): Field required"),
+        ("- {url: 'https://github.com/a/b/issues/1', label: OOM, sure: true, why: w}\n" * 2,
+         r"entry 1: https://github.com/a/b/issues/1 is labelled twice in this file"),
+    ],
+)
+def test_bad_second_labels_are_named(tmp_path: Path, text: str, match: str) -> None:
+    (tmp_path / "second.yaml").write_text(text)
+    with pytest.raises(CorpusError, match=match):
+        load_second_labels(tmp_path, _SAMPLE)
+
+
+def test_agreement_counts_the_labellers_and_the_classifier_against_each() -> None:
+    rows = [  # (first, second, second sure, classifier)
+        ("OOM", "OOM", True, "OOM"),        # all three agree
+        ("OOM", "OOM", False, "Crash"),     # the people agree, the classifier misses
+        ("QuantizationConflict", "ServerError", True, "ServerError"),  # the classifier sides with the second
+        ("Timeout", "NCCL", False, "Timeout"),  # ... with the first
+        ("Timeout", "NCCL", True, "Crash"),     # with neither
+    ]
+    a = agreement(rows)
+    assert (a.n, a.agree, a.sure, a.sure_agree) == (5, 2, 3, 1)
+    assert (a.classifier_first, a.classifier_second, a.classifier_on_agreed) == (2, 2, 1)
+    assert a.disagreements == {("QuantizationConflict", "ServerError"): 1, ("Timeout", "NCCL"): 2}
 
 
 # --- the learned fallback -----------------------------------------------------------------------
