@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import yaml
 from pydantic import AfterValidator, Field, ValidationError
@@ -86,12 +86,7 @@ def load_corpus(directory: Path) -> list[Excerpt]:
     seen: dict[str, str] = {}
     for path in sorted(directory.glob("*.yaml")):
         for index, raw in enumerate(_entries(path)):
-            try:
-                entry = _Entry.model_validate(raw)
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"]) or "entry"
-                raise CorpusError(f"{path}: entry {index} ({where}): {first['msg']}.") from None
+            entry = _validated(_Entry, raw, path, index)
             if entry.url in seen:
                 raise CorpusError(f"{path}: entry {index}: {entry.url} is already in {seen[entry.url]}.")
             seen[entry.url] = path.name
@@ -126,12 +121,7 @@ def load_second_labels(directory: Path, corpus: list[Excerpt]) -> list[SecondLab
     for path in sorted(directory.glob("*.yaml")):
         seen: set[str] = set()
         for index, raw in enumerate(_entries(path, "{url, label, sure, why}")):
-            try:
-                entry = _SecondLabel.model_validate(raw)
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"]) or "entry"
-                raise CorpusError(f"{path}: entry {index} ({where}): {first['msg']}.") from None
+            entry = _validated(_SecondLabel, raw, path, index)
             if entry.url not in known:
                 raise CorpusError(f"{path}: entry {index}: {entry.url} is not in the corpus.")
             if entry.url in seen:
@@ -161,7 +151,7 @@ class Agreement:
     #: of the ``agree`` excerpts, those the classifier also names
     classifier_on_agreed: int
     #: (first, second) label pairs where the two differ
-    disagreements: Counter[tuple[str, str]] = field(default_factory=Counter)
+    disagreements: Counter[tuple[str, str]]
 
 
 def agreement(rows: Iterable[tuple[str, str, bool, str]]) -> Agreement:
@@ -177,6 +167,19 @@ def agreement(rows: Iterable[tuple[str, str, bool, str]]) -> Agreement:
         classifier_on_agreed=sum(first == second == got for first, second, _, got in rows),
         disagreements=Counter((first, second) for first, second, _, _ in rows if first != second),
     )
+
+
+_Schema = TypeVar("_Schema", bound=StrictModel)
+
+
+def _validated(schema: type[_Schema], raw: object, path: Path, index: int) -> _Schema:
+    """``raw`` read through ``schema``, or a CorpusError naming the file, the entry and its first bad key."""
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "entry"
+        raise CorpusError(f"{path}: entry {index} ({where}): {first['msg']}.") from None
 
 
 def _entries(path: Path, shape: str = "{url, label, excerpt}") -> Iterator[object]:
